@@ -1,0 +1,32 @@
+# The README's two commands: `make demo` (the main job) and `make test`.
+# Both create .venv themselves; torch==2.13.0 is installed explicitly first so pip
+# never resolves an unpinned torch (which would pull several GB of CUDA wheels).
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.optimkit-installed
+
+.PHONY: venv demo test bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[test,data]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/optimkit compare
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/step_time.py
+
+clean:
+	rm -rf $(VENV) optimkit-report

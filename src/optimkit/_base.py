@@ -1,0 +1,235 @@
+"""OptimizerBase: the mechanics every optimkit optimizer shares, written once.
+
+A subclass supplies only what is specific to its algorithm:
+
+* ``_validate_group(group)``  range checks on one param group's hyperparameters
+  (called for the constructor's defaults, every ``add_param_group`` and every loaded
+  state_dict, *before* anything is changed);
+* ``_init_state(group, p, state)``  lazily allocate the state of one parameter;
+* ``_state_spec(group, p)``  the state keys a stepped parameter must have and their shapes
+  (used to reject a malformed state_dict before it is loaded);
+* ``_update(work)``  the math for one param group, dispatching on ``work.impl`` to the
+  per-tensor reference, the foreach path or the fused path.
+
+``step()`` gathers every group's (params, grads, state) first and raises on anything it
+cannot handle (sparse or complex gradients) *before* touching a parameter or a state
+buffer, so a step that cannot be taken leaves everything exactly as it was.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from ._impl import Impl, check_impl_flags, resolve_impl
+
+ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]]
+
+#: markers used in ``_state_spec``
+PARAM_SHAPE = "param"  # same shape as the parameter
+SCALAR = "scalar"  # one element (step counters)
+ANY = "any"  # no shape constraint
+
+
+@dataclass
+class GroupWork:
+    """Everything one param group's update needs, gathered before any change is made."""
+
+    group: dict[str, Any]
+    params: list[Tensor]
+    grads: list[Tensor]
+    states: list[dict[str, Any]]
+    impl: Impl
+
+
+class OptimizerBase(torch.optim.Optimizer):
+    """Base class of every optimkit optimizer (a ``torch.optim.Optimizer``)."""
+
+    #: this optimizer has a fused single-pass kernel (``fused=True`` is allowed)
+    _has_fused: ClassVar[bool] = False
+    #: sparse gradients are handled (only Adagrad, as in torch)
+    _supports_sparse: ClassVar[bool] = False
+
+    def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
+        owner = type(self).__name__
+        check_impl_flags(owner, defaults.get("foreach"), defaults.get("fused"), self._has_fused)
+        for flag in ("capturable", "differentiable"):
+            if defaults.get(flag):
+                raise ValueError(
+                    f"{owner}: {flag}=True is not supported by optimkit; use torch.optim.{owner} "
+                    f"if you need it"
+                )
+        if isinstance(params, Tensor):
+            raise TypeError(
+                f"{owner}: params must be an iterable of Tensors or dicts, got a single Tensor; "
+                "pass model.parameters() or [tensor]"
+            )
+        params = list(params)
+        if len(params) == 0:
+            raise ValueError(f"{owner}: got an empty parameter list; nothing to optimize")
+        self._validate_group(dict(defaults))
+        super().__init__(params, defaults)
+
+    # ----------------------------------------------------------------------------- hooks
+    def _validate_group(self, group: dict[str, Any]) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _init_state(self, group: dict[str, Any], p: Tensor, state: dict[str, Any]) -> None:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def _state_spec(self, group: dict[str, Any], p: Tensor) -> dict[str, Any]:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def _update(self, work: GroupWork) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------- param groups
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        owner = type(self).__name__
+        if not isinstance(param_group, dict):
+            raise TypeError(f"{owner}: a param group must be a dict, got {type(param_group).__name__}")
+        params = param_group.get("params")
+        plist = [params] if isinstance(params, Tensor) else list(params or [])
+        for p in plist:
+            if isinstance(p, tuple):  # named parameters
+                p = p[1]
+            if not isinstance(p, Tensor):
+                raise TypeError(f"{owner}: can only optimize Tensors, got {type(p).__name__}")
+            if not (p.is_leaf or p.retains_grad):
+                raise ValueError(
+                    f"{owner}: cannot optimize a non-leaf tensor (shape {tuple(p.shape)}); "
+                    "pass the leaf parameter, e.g. model.parameters(), or call .detach().requires_grad_()"
+                )
+            if p.is_complex():
+                raise ValueError(f"{owner}: complex parameters are not supported (shape {tuple(p.shape)})")
+        # Validate the group as it will be (defaults filled in) before adding anything.
+        merged = {**getattr(self, "defaults", {}), **{k: v for k, v in param_group.items() if k != "params"}}
+        check_impl_flags(owner, merged.get("foreach"), merged.get("fused"), self._has_fused)
+        self._validate_group(merged)
+        super().add_param_group(param_group)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # Checkpoints written before a key existed still load: fill in today's defaults.
+        for group in self.param_groups:
+            for k, v in self.defaults.items():
+                group.setdefault(k, v)
+
+    # ----------------------------------------------------------------------------- step
+    def _gather(self, gi: int, group: dict[str, Any]) -> GroupWork:
+        owner = type(self).__name__
+        params, grads = [], []
+        for pi, p in enumerate(group["params"]):
+            g = p.grad
+            if g is None:
+                continue
+            if g.is_sparse and not self._supports_sparse:
+                raise RuntimeError(
+                    f"{owner} does not support sparse gradients (param group {gi}, parameter {pi}, "
+                    f"shape {tuple(p.shape)}); use optimkit.Adagrad, or torch.optim.SparseAdam"
+                )
+            if g.shape != p.shape:
+                raise RuntimeError(
+                    f"{owner}: gradient shape {tuple(g.shape)} does not match parameter shape "
+                    f"{tuple(p.shape)} (param group {gi}, parameter {pi})"
+                )
+            params.append(p)
+            grads.append(g)
+        impl = resolve_impl(group.get("foreach"), group.get("fused"), self._has_fused, params)
+        return GroupWork(group, params, grads, [], impl)
+
+    def _apply(self, works: list[GroupWork]) -> None:
+        """Run the update of every group; Prodigy overrides this (its step size is global)."""
+        for work in works:
+            if work.params:
+                self._update(work)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # Everything that can fail is checked for every group before any state is touched.
+        works = [self._gather(gi, g) for gi, g in enumerate(self.param_groups)]
+        for work in works:
+            for p in work.params:
+                state = self.state[p]
+                if len(state) == 0:
+                    self._init_state(work.group, p, state)
+                work.states.append(state)
+        self._apply(works)
+        return loss
+
+    # ----------------------------------------------------------------------- state_dict
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state_dict (ours or torch.optim's), after checking all of it."""
+        self._check_state_dict(state_dict)
+        super().load_state_dict(state_dict)
+
+    def _check_state_dict(self, sd: Any) -> None:
+        owner = type(self).__name__
+        bad = f"{owner}.load_state_dict: malformed state_dict"
+        if not isinstance(sd, dict) or "state" not in sd or "param_groups" not in sd:
+            raise ValueError(f"{bad}: expected a dict with keys 'state' and 'param_groups'")
+        groups, state = sd["param_groups"], sd["state"]
+        if not isinstance(groups, list) or not isinstance(state, dict):
+            raise ValueError(f"{bad}: 'param_groups' must be a list and 'state' a dict")
+        if len(groups) != len(self.param_groups):
+            raise ValueError(
+                f"{bad}: it has {len(groups)} param groups, this optimizer has {len(self.param_groups)}"
+            )
+        id_to_param: dict[Any, tuple[dict, Tensor]] = {}
+        for gi, (saved, mine) in enumerate(zip(groups, self.param_groups)):
+            if not isinstance(saved, dict) or "params" not in saved:
+                raise ValueError(f"{bad}: param group {gi} has no 'params'")
+            if len(saved["params"]) != len(mine["params"]):
+                raise ValueError(
+                    f"{bad}: param group {gi} has {len(saved['params'])} parameters, "
+                    f"this optimizer's has {len(mine['params'])}"
+                )
+            merged = {**self.defaults, **{k: v for k, v in saved.items() if k not in ("params", "param_names")}}
+            try:
+                self._validate_group(merged)
+            except ValueError as e:
+                raise ValueError(f"{bad}: param group {gi}: {e}") from None
+            for pid, p in zip(saved["params"], mine["params"]):
+                id_to_param[pid] = (merged, p)
+        for pid, st in state.items():
+            if pid not in id_to_param:
+                raise ValueError(f"{bad}: state for unknown parameter id {pid!r}")
+            if not isinstance(st, dict):
+                raise ValueError(f"{bad}: state of parameter {pid!r} is not a dict")
+            if not st:
+                continue
+            group, p = id_to_param[pid]
+            for key, spec in self._state_spec(group, p).items():
+                if key not in st:
+                    raise ValueError(f"{bad}: state of parameter {pid!r} misses key {key!r}")
+                _check_state_value(bad, pid, key, st[key], spec, p)
+
+
+def _check_state_value(bad: str, pid: Any, key: str, v: Any, spec: Any, p: Tensor) -> None:
+    if spec == ANY:
+        return
+    if spec == SCALAR:
+        n = v.numel() if isinstance(v, Tensor) else (1 if isinstance(v, (int, float)) else -1)
+        if n != 1:
+            raise ValueError(f"{bad}: state[{pid!r}][{key!r}] must be a scalar, got {_describe(v)}")
+        return
+    want = tuple(p.shape) if spec == PARAM_SHAPE else tuple(spec)
+    if not isinstance(v, Tensor) or tuple(v.shape) != want:
+        raise ValueError(
+            f"{bad}: state[{pid!r}][{key!r}] has {_describe(v)}, expected shape {want}"
+        )
+
+
+def _describe(v: Any) -> str:
+    if isinstance(v, Tensor):
+        return f"shape {tuple(v.shape)}"
+    return f"type {type(v).__name__}"

@@ -1,0 +1,68 @@
+"""Which implementation runs a step: the per-tensor reference, multi-tensor foreach, or fused.
+
+The user chooses with ``foreach=`` / ``fused=`` exactly as in torch.optim; ``None`` (the
+default) means "the fastest correct path for these tensors". The policy lives here, once,
+so every optimizer makes the same choice for the same tensors.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from . import _torch_compat as tc
+
+Impl = Literal["reference", "foreach", "fused"]
+IMPLS: tuple[Impl, ...] = ("reference", "foreach", "fused")
+
+
+def check_impl_flags(owner: str, foreach: bool | None, fused: bool | None, has_fused: bool) -> None:
+    """Reject impossible flag combinations at construction time."""
+    for name, v in (("foreach", foreach), ("fused", fused)):
+        if v is not None and not isinstance(v, bool):
+            raise ValueError(f"{owner}: invalid {name}={v!r}; expected True, False or None")
+    if foreach and fused:
+        raise ValueError(f"{owner}: foreach=True and fused=True cannot both be set; pick one")
+    if fused and not has_fused:
+        raise ValueError(
+            f"{owner}: invalid fused=True; this optimizer has no fused kernel "
+            "(use foreach=True or leave both None for the fastest available path)"
+        )
+
+
+def resolve_impl(
+    foreach: bool | None, fused: bool | None, has_fused: bool, tensors: Sequence[Tensor]
+) -> Impl:
+    """Pick the implementation for one param group's tensors."""
+    if fused:
+        return "fused"
+    if foreach is False:
+        return "reference"
+    if foreach is True:
+        return "foreach"
+    # Default: torch's fused kernels are single-pass and reach the bandwidth floor on CPU
+    # (measured in DESIGN.md); foreach is the multi-pass fallback.
+    if has_fused and fused is None and tc.fused_supported(tensors):
+        return "fused"
+    return "foreach"
+
+
+def group_by_device_dtype(
+    *tensor_lists: Sequence[Tensor | None],
+) -> dict[tuple[torch.device, torch.dtype], tuple[list[list], list[int]]]:
+    """Bucket parallel lists by the (device, dtype) of the first list's tensors.
+
+    Returns ``{(device, dtype): ([list_0, list_1, ...], indices)}`` where ``indices`` are the
+    positions in the input lists, so results can be written back.
+    """
+    buckets: dict = defaultdict(lambda: ([[] for _ in tensor_lists], []))
+    for i, t in enumerate(tensor_lists[0]):
+        lists, idx = buckets[(t.device, t.dtype)]
+        for lst, src in zip(lists, tensor_lists):
+            lst.append(src[i])
+        idx.append(i)
+    return dict(buckets)

@@ -1,0 +1,60 @@
+"""The only module that touches private torch APIs.
+
+torch exposes its multi-tensor (``torch._foreach_*``) and fused (``torch._fused_*_``) kernels
+only as underscored functions. Keeping every such reference here means a torch upgrade that
+renames one breaks exactly one file, and the optimizer modules read as plain math.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+# -- multi-tensor ops ----------------------------------------------------------------------
+foreach_add_ = torch._foreach_add_
+foreach_add = torch._foreach_add
+foreach_addcdiv_ = torch._foreach_addcdiv_
+foreach_addcmul_ = torch._foreach_addcmul_
+foreach_div_ = torch._foreach_div_
+foreach_div = torch._foreach_div
+foreach_lerp_ = torch._foreach_lerp_
+foreach_maximum_ = torch._foreach_maximum_
+foreach_mul_ = torch._foreach_mul_
+foreach_mul = torch._foreach_mul
+foreach_neg = torch._foreach_neg
+foreach_sqrt = torch._foreach_sqrt
+foreach_sqrt_ = torch._foreach_sqrt_
+foreach_sub_ = torch._foreach_sub_
+foreach_copy_ = torch._foreach_copy_
+foreach_norm = torch._foreach_norm
+foreach_abs = torch._foreach_abs
+
+# -- torch's fused single-pass kernels (CPU and CUDA) ---------------------------------------
+fused_adam_ = torch._fused_adam_
+fused_adamw_ = torch._fused_adamw_
+fused_sgd_ = torch._fused_sgd_
+fused_adagrad_ = torch._fused_adagrad_
+
+#: device types on which torch ships the fused kernels above
+FUSED_DEVICE_TYPES = ("cpu", "cuda")
+#: dtypes the fused kernels accept
+FUSED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def scalar_dtype() -> torch.dtype:
+    """dtype torch.optim uses for its 0-dim ``step`` counters (float64 under a float64 default)."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def fused_supported(tensors: Sequence[Tensor]) -> bool:
+    """True when torch's fused kernels accept every tensor (device type and dtype)."""
+    return all(
+        type(t) is torch.Tensor
+        or isinstance(t, torch.nn.Parameter)
+        for t in tensors
+    ) and all(
+        t.device.type in FUSED_DEVICE_TYPES and t.dtype in FUSED_DTYPES and not t.is_sparse
+        for t in tensors
+    )
