@@ -17,6 +17,7 @@ foreach_add_ = torch._foreach_add_
 foreach_add = torch._foreach_add
 foreach_addcdiv_ = torch._foreach_addcdiv_
 foreach_addcmul_ = torch._foreach_addcmul_
+foreach_addcmul = torch._foreach_addcmul
 foreach_div_ = torch._foreach_div_
 foreach_div = torch._foreach_div
 foreach_lerp_ = torch._foreach_lerp_
