@@ -51,9 +51,10 @@ def scalar_dtype() -> torch.dtype:
 
 def fused_supported(tensors: Sequence[Tensor]) -> bool:
     """True when torch's fused kernels accept every tensor (device type and dtype)."""
+    # Exact types only: tensor subclasses such as DTensor (FSDP2's sharded parameters) report
+    # isinstance(t, nn.Parameter) but have no sharding rule for the fused ops.
     return all(
-        type(t) is torch.Tensor
-        or isinstance(t, torch.nn.Parameter)
+        type(t) in (torch.Tensor, torch.nn.Parameter)
         for t in tensors
     ) and all(
         t.device.type in FUSED_DEVICE_TYPES and t.dtype in FUSED_DTYPES and not t.is_sparse
