@@ -1,7 +1,164 @@
-"""Placeholder: being implemented (see the issue)."""
-from .._base import OptimizerBase
+r"""Adadelta: drop-in for ``torch.optim.Adadelta``.
+
+The math, per parameter :math:`\theta` with gradient :math:`g_t` at step :math:`t`::
+
+    g   <- -g                                         if maximize
+    g   <- g + weight_decay * theta                   (L2 penalty, coupled)
+    v_t = rho * v_{t-1} + (1 - rho) * g^2             running mean of squared gradients
+    d   = sqrt(u_{t-1} + eps) / sqrt(v_t + eps) * g   step in parameter units
+    u_t = rho * u_{t-1} + (1 - rho) * d^2             running mean of squared steps
+    theta <- theta - lr * d
+
+Both buffers start at zero. The ratio of the two root-mean-squares gives ``d`` the units of
+the parameter, so ``lr`` is a dimensionless multiplier (1.0 is the paper's method) and
+``eps`` is in squared gradient units in the denominator and squared parameter units in the
+numerator, where it also sets the size of the first steps. State: ``step``, ``square_avg``
+(v) and ``acc_delta`` (u), exactly as torch.optim stores them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import _torch_compat as tc
+from .._base import PARAM_SHAPE, SCALAR, GroupWork, OptimizerBase, ParamsT
+from .._impl import group_by_device_dtype
+from .._validation import check_bool, check_range
 
 
 class Adadelta(OptimizerBase):
-    def __init__(self, params, **kwargs):
-        raise NotImplementedError("Adadelta is not implemented yet")
+    r"""Adadelta: a step sized by the ratio of recent step and gradient root-mean-squares.
+
+    Args:
+        params: parameters or param groups to optimize.
+        lr: multiplier of the step ``d``, ``lr >= 0``. Default ``1.0`` (the paper's method).
+        rho: smoothing constant of both running averages, ``[0, 1]``.
+        eps: added inside both square roots, ``>= 0``; also sets the first steps' size.
+        weight_decay: coupled L2 penalty coefficient, ``>= 0``.
+        foreach: ``True`` multi-tensor path, ``False`` per-tensor reference, ``None`` fastest.
+        capturable: must be ``False`` (CUDA-graph capture is not supported by optimkit).
+        maximize: ascend the objective instead of descending.
+        differentiable: must be ``False`` (not supported by optimkit).
+
+    Example:
+        >>> model = torch.nn.Linear(3, 1)
+        >>> opt = Adadelta(model.parameters(), rho=0.9)
+        >>> model(torch.randn(4, 3)).sum().backward(); opt.step()
+
+    Reference: Zeiler, "ADADELTA: An Adaptive Learning Rate Method", arXiv:1212.5701, 2012.
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1.0,
+        rho: float = 0.9,
+        eps: float = 1e-6,
+        weight_decay: float = 0,
+        foreach: bool | None = None,
+        *,
+        capturable: bool = False,
+        maximize: bool = False,
+        differentiable: bool = False,
+    ) -> None:
+        defaults = dict(
+            lr=lr, rho=rho, eps=eps, weight_decay=weight_decay, maximize=maximize,
+            capturable=capturable, foreach=foreach, differentiable=differentiable,
+        )
+        super().__init__(params, defaults)
+
+    def _validate_group(self, g: dict[str, Any]) -> None:
+        n = type(self).__name__
+        check_range(n, "lr", g["lr"], 0.0)
+        check_range(n, "rho", g["rho"], 0.0, 1.0)
+        check_range(n, "eps", g["eps"], 0.0)
+        check_range(n, "weight_decay", g["weight_decay"], 0.0)
+        check_bool(n, "maximize", g["maximize"])
+
+    def _init_state(self, group: dict[str, Any], p: Tensor, state: dict[str, Any]) -> None:
+        state["step"] = torch.tensor(0.0, dtype=tc.scalar_dtype())
+        state["square_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["acc_delta"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def _state_spec(self, group: dict[str, Any], p: Tensor) -> dict[str, Any]:
+        return {"step": SCALAR, "square_avg": PARAM_SHAPE, "acc_delta": PARAM_SHAPE}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for st in self.state.values():
+            # Very old checkpoints stored ``step`` as a Python number.
+            if "step" in st and not isinstance(st["step"], Tensor):
+                st["step"] = torch.tensor(float(st["step"]), dtype=tc.scalar_dtype())
+
+    def _update(self, work: GroupWork) -> None:
+        g = work.group
+        hp = dict(
+            lr=float(g["lr"]), rho=g["rho"], eps=g["eps"],
+            weight_decay=float(g["weight_decay"]), maximize=g["maximize"],
+        )
+        steps = [s["step"] for s in work.states]
+        square_avgs = [s["square_avg"] for s in work.states]
+        acc_deltas = [s["acc_delta"] for s in work.states]
+        fn = {"reference": adadelta_reference, "foreach": adadelta_foreach}[work.impl]
+        fn(work.params, work.grads, steps, square_avgs, acc_deltas, **hp)
+
+
+# ---------------------------------------------------------------------------------- math
+def adadelta_reference(
+    params: list[Tensor], grads: list[Tensor], steps: list[Tensor], square_avgs: list[Tensor],
+    acc_deltas: list[Tensor], *,
+    lr: float, rho: float, eps: float, weight_decay: float, maximize: bool,
+) -> None:
+    """Per-tensor reference: the equations of the module docstring, one tensor at a time.
+
+    ``steps``, ``square_avgs`` (v) and ``acc_deltas`` (u) are updated in place.
+    """
+    for p, g, step, v, u in zip(params, grads, steps, square_avgs, acc_deltas):
+        step += 1  # t (kept for torch compatibility; Adadelta does not use it)
+        if maximize:
+            g = -g
+        if weight_decay != 0:
+            g = g.add(p, alpha=weight_decay)  # g + wd * theta
+        v.mul_(rho).addcmul_(g, g, value=1 - rho)  # v_t = rho v + (1 - rho) g^2
+        std = v.add(eps).sqrt_()  # sqrt(v_t + eps)
+        d = u.add(eps).sqrt_().div_(std).mul_(g)  # d = sqrt(u_{t-1} + eps) / sqrt(v_t + eps) * g
+        u.mul_(rho).addcmul_(d, d, value=1 - rho)  # u_t = rho u + (1 - rho) d^2
+        p.add_(d, alpha=-lr)  # theta <- theta - lr d
+
+
+def adadelta_foreach(
+    params: list[Tensor], grads: list[Tensor], steps: list[Tensor], square_avgs: list[Tensor],
+    acc_deltas: list[Tensor], *,
+    lr: float, rho: float, eps: float, weight_decay: float, maximize: bool,
+) -> None:
+    """Multi-tensor path: the same equations with ``torch._foreach_*`` per (device, dtype)."""
+    lists = (params, grads, steps, square_avgs, acc_deltas)
+    for (ps, gs, ts, vs, us), _ in group_by_device_dtype(*lists).values():
+        _increment(ts)
+        if maximize:
+            gs = tc.foreach_neg(gs)
+        if weight_decay != 0:
+            gs = tc.foreach_add(gs, ps, alpha=weight_decay)
+        tc.foreach_mul_(vs, rho)
+        tc.foreach_addcmul_(vs, gs, gs, value=1 - rho)  # v_t
+        std = tc.foreach_add(vs, eps)
+        tc.foreach_sqrt_(std)  # sqrt(v_t + eps)
+        ds = tc.foreach_add(us, eps)
+        tc.foreach_sqrt_(ds)
+        tc.foreach_div_(ds, std)
+        tc.foreach_mul_(ds, gs)  # d
+        tc.foreach_mul_(us, rho)
+        tc.foreach_addcmul_(us, ds, ds, value=1 - rho)  # u_t
+        tc.foreach_add_(ps, ds, alpha=-lr)
+
+
+def _increment(steps: list[Tensor]) -> None:
+    """t <- t + 1 for a list of 0-dim step tensors."""
+    if steps[0].is_cpu:
+        # A CPU tensor operand avoids wrapping the Python 1 into a tensor once per step tensor.
+        tc.foreach_add_(steps, torch.tensor(1.0), alpha=1.0)
+    else:
+        tc.foreach_add_(steps, 1)
