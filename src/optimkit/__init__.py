@@ -1,6 +1,8 @@
 """optimkit: PyTorch optimizers done right, fast, and with help choosing between them."""
 
 from .optimizers import SGD, Adadelta, Adagrad, Adam, AdamW, Prodigy, RAdam, RMSprop
+from .wrappers import Lookahead
+from .factory import create_optimizer, get_spec, list_optimizers, param_groups, parse_optimizer_args
 
 __version__ = "0.1.0"
 
@@ -13,4 +15,10 @@ __all__ = [
     "RAdam",
     "Adadelta",
     "Prodigy",
+    "Lookahead",
+    "create_optimizer",
+    "parse_optimizer_args",
+    "list_optimizers",
+    "get_spec",
+    "param_groups",
 ]
