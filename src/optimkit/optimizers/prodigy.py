@@ -1,7 +1,663 @@
-"""Placeholder: being implemented (see the issue)."""
-from .._base import OptimizerBase
+r"""Prodigy: Adam with a learning rate estimated on the fly (Mishchenko & Defazio, 2023).
+
+Compatible with ``prodigyopt`` 1.1.2: same arguments, defaults, param-group keys and state
+keys, so a ``prodigyopt.Prodigy`` state_dict loads here and continues identically (and back).
+
+One step, with :math:`d` the current distance estimate (global: one value for every group),
+:math:`k` the step counter, :math:`\eta` = ``lr`` (the largest group lr; groups have that lr or
+0), every sliced quantity taken on ``x.flatten()[::slice_p]``::
+
+    bc   = sqrt(1 - beta2^(k+1)) / (1 - beta1^(k+1))    if use_bias_correction, else 1
+    dlr  = d * eta * bc                                   the step multiplier of this step
+    g    <- g + weight_decay * theta                      only if not decouple (p.grad untouched)
+  phase 1 (statistics; groups with lr > 0 only)
+    r    <- beta3 * r + sum_params (d/d0) * dlr * <g_sl, theta0_sl - theta_sl>
+    s    <- beta3 * s + (d/d0) * dlr * g_sl               (d/d0) * d instead of (d/d0) * dlr
+                                                          if safeguard_warmup
+  d update (the one host sync; an all-reduce of the two sums first when sharded)
+    d_hat = d_coef * r / ||s||_1                          (sums over every parameter)
+    d     <- max(d, d_hat)                                only while d == d0 (the first jump)
+    d_max <- max(d_max, d_hat)
+    d'    = min(d_max, d * growth_rate)
+  phase 2 (apply; groups with lr > 0 only)
+    m    <- beta1 * m + d * (1 - beta1) * g               (skipped when beta1 == 0)
+    v    <- beta2 * v + d^2 * (1 - beta2) * g^2
+    theta <- theta - weight_decay * dlr * theta           only if decouple
+    theta <- theta - dlr * m / (sqrt(v) + d' * eps)       beta1 > 0
+    theta <- theta - dlr * d' * g / (sqrt(v) + d' * eps)  beta1 == 0
+    k <- k + 1
+
+``theta0`` (state ``p0``) is the parameter at its first step (a 0-dim zero when the parameter
+was all zeros). ``d`` is in parameter units (a distance to the solution); ``d_hat``'s numerator
+``r`` is in loss units times parameter units. ``m``, ``v`` and ``s`` carry factors of ``d`` so
+that old statistics stay comparable as ``d`` grows. When ``||s||_1 == 0`` (no gradient seen yet)
+the step stops after updating ``s``, ``m`` and ``v``: nothing else changes, as in prodigyopt.
+
+State per parameter (prodigyopt's keys): ``step`` (int), ``s`` and ``p0`` (sliced: 1/slice_p of
+the parameter), ``exp_avg`` (if beta1 > 0) and ``exp_avg_sq``. Param-group keys: every
+constructor argument plus the global scalars ``d``, ``d0``, ``d_max``, ``d_numerator`` (= r),
+``d_hat``, ``d_denom`` (= ||s||_1), ``k``, mirrored into every group, and ``effective_lr`` and
+``skipped_steps``.
+
+Where this differs from prodigyopt 1.1.2, on purpose:
+
+* ``p.grad`` is never modified (prodigyopt adds the coupled weight decay into it).
+* A group with ``lr=0`` is frozen: no update, no weight decay (prodigyopt applies its decoupled
+  weight decay and, with beta1=0, a step of size ``dlr * d * g / (d * eps)``).
+* float16/bfloat16 parameters keep float32 state and compute every statistic in float32;
+  the updated value is rounded back once (optionally stochastically).
+* Sharded parameters all-reduce on the parameters' device (prodigyopt calls ``.cuda()``), and
+  ranks with no gradient still join the all-reduce.
+* A non-finite statistic raises :class:`NonFiniteStepError` (or skips the step) and leaves
+  parameters and state untouched (prodigyopt lets one NaN freeze ``d`` and poison the state).
+* The foreach path syncs with the host once per step (prodigyopt: twice per parameter).
+* ``strict_growth=True`` makes ``growth_rate`` bound the first jump away from ``d0`` too.
+* Hyperparameters that prodigyopt reads from group 0 only (betas, beta3, d0, d_coef,
+  growth_rate, use_bias_correction, decouple, fsdp_in_use) must agree across groups; a group
+  that sets a different value raises instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import _torch_compat as tc
+from .._base import ANY, PARAM_SHAPE, SCALAR, GroupWork, OptimizerBase, ParamsT
+from .._impl import group_by_device_dtype
+from .._validation import check_betas, check_bool, check_range, fail
+
+try:  # DTensor (FSDP2) is optional: torch builds without distributed lack it
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+except Exception:  # pragma: no cover - depends on the torch build
+    dist = None  # type: ignore[assignment]
+    DTensor = None  # type: ignore[assignment,misc]
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+#: read from group 0 by prodigyopt; here they must agree across groups
+_GLOBAL_KEYS = ("betas", "beta3", "d0", "d_coef", "growth_rate", "use_bias_correction", "decouple",
+                "fsdp_in_use", "strict_growth", "nonfinite")
+#: global scalars, mirrored into every group so they round-trip through state_dict
+_MIRRORED = ("d", "d_max", "d_numerator", "d_hat", "d_denom", "k", "skipped_steps")
+_FLOAT_SCALARS = ("d", "d_max", "d_numerator", "d_hat", "d_denom")
+
+
+class NonFiniteStepError(FloatingPointError):
+    """A Prodigy step met a NaN/inf statistic; nothing was changed."""
 
 
 class Prodigy(OptimizerBase):
-    def __init__(self, params, **kwargs):
-        raise NotImplementedError("Prodigy is not implemented yet")
+    r"""Prodigy, a learning-rate-free Adam (prodigyopt-compatible). Equations: module docstring.
+
+    Args:
+        params: parameters or param groups.
+        lr: multiplier of the estimated step size ``d`` (dimensionless); keep 1.0 and tune
+            ``d_coef`` instead. Every group's lr must be the largest lr or 0 (0 freezes the
+            group: no update, no weight decay). ``lr >= 0``.
+        betas: ``(beta1, beta2)`` in ``[0, 1)``: decay of the first moment ``exp_avg``
+            (``beta1 = 0`` drops it and saves one buffer) and of the second moment ``exp_avg_sq``.
+        beta3: decay in ``[0, 1)`` of the d statistics ``r`` and ``s``; ``None`` means
+            ``sqrt(beta2)``.
+        eps: added to ``sqrt(v)`` after scaling by ``d`` (``d * eps``), ``> 0``.
+        weight_decay: ``>= 0``; decoupled (``theta -= weight_decay * dlr * theta``) when
+            ``decouple``, else an L2 term added to the gradient the step uses.
+        decouple: AdamW-style decoupled weight decay (default) instead of coupled L2.
+        use_bias_correction: multiply the step by Adam's ``sqrt(1 - beta2^(k+1)) / (1 -
+            beta1^(k+1))``.
+        safeguard_warmup: accumulate ``s`` with ``(d/d0) * d`` instead of ``(d/d0) * dlr``, so
+            a warmup schedule on ``lr`` does not shrink ``||s||_1`` and inflate ``d``.
+        d0: initial ``d`` (parameter units), ``> 0``; must be below the true distance.
+        d_coef: multiplies the estimate, ``d_hat = d_coef * r / ||s||_1``: larger gives a
+            larger ``d`` (more aggressive), smaller is more conservative. ``> 0``.
+        growth_rate: ``d`` grows by at most this factor per step (``>= 1``; ``inf``: no bound).
+            As in prodigyopt the first jump away from ``d0`` is not bounded unless
+            ``strict_growth=True``.
+        fsdp_in_use: parameters are sharded across ranks: all-reduce the two sums of the d
+            update. Detected automatically for DTensor (FSDP2) and FSDP1 flat parameters.
+        slice_p: compute ``r`` and ``s`` on every ``slice_p``-th element only (``int >= 1``):
+            ``s`` and ``p0`` shrink to ``1/slice_p`` of the parameter; an approximation for
+            ``slice_p > 1`` (11 is reasonable).
+        strict_growth: bound the first jump from ``d0`` by ``growth_rate`` as well (not in
+            prodigyopt; default ``False`` reproduces it).
+        nonfinite: ``"raise"`` (default) raises :class:`NonFiniteStepError` naming the first
+            parameter with a NaN/inf gradient; ``"skip"`` skips the step with a warning and
+            counts it in ``group["skipped_steps"]``. Either way nothing is changed.
+        stochastic_rounding: round float16/bfloat16 parameters stochastically (unbiased) when
+            writing the float32 result back; uses torch's global RNG. No effect on float32/64.
+        foreach: ``True`` multi-tensor path (one host sync per step), ``False`` the per-tensor
+            reference, ``None`` (default) the multi-tensor path.
+
+    Example:
+        >>> model = torch.nn.Linear(3, 1)
+        >>> opt = Prodigy(model.parameters(), weight_decay=0.01)
+        >>> model(torch.randn(4, 3)).sum().backward(); opt.step()
+        >>> opt.param_groups[0]["d"], opt.param_groups[0]["effective_lr"]  # doctest: +SKIP
+
+    Reference: K. Mishchenko, A. Defazio, "Prodigy: An Expeditiously Adaptive Parameter-Free
+    Learner", 2023, arXiv:2306.06101.
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        beta3: float | None = None,
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        decouple: bool = True,
+        use_bias_correction: bool = False,
+        safeguard_warmup: bool = False,
+        d0: float = 1e-6,
+        d_coef: float = 1.0,
+        growth_rate: float = float("inf"),
+        fsdp_in_use: bool = False,
+        slice_p: int = 1,
+        *,
+        strict_growth: bool = False,
+        nonfinite: str = "raise",
+        stochastic_rounding: bool = False,
+        foreach: bool | None = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr, betas=betas, beta3=beta3, eps=eps, weight_decay=weight_decay,
+            d=d0, d0=d0, d_max=d0, d_numerator=0.0, d_coef=d_coef, k=0,
+            growth_rate=growth_rate, use_bias_correction=use_bias_correction,
+            decouple=decouple, safeguard_warmup=safeguard_warmup, fsdp_in_use=fsdp_in_use,
+            slice_p=slice_p, d_hat=d0, d_denom=0.0, skipped_steps=0,
+            strict_growth=strict_growth, nonfinite=nonfinite,
+            stochastic_rounding=stochastic_rounding, foreach=foreach,
+        )
+        self._fresh: list[Tensor] = []
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ validation
+    def _validate_group(self, g: dict[str, Any]) -> None:
+        n = type(self).__name__
+        check_range(n, "lr", g["lr"], 0.0)
+        check_betas(n, g["betas"])
+        if g["beta3"] is not None:
+            check_range(n, "beta3", g["beta3"], 0.0, 1.0, hi_open=True)
+        check_range(n, "eps", g["eps"], 0.0, math.inf, lo_open=True, hi_open=True)
+        check_range(n, "weight_decay", g["weight_decay"], 0.0, math.inf, hi_open=True)
+        check_range(n, "d0", g["d0"], 0.0, math.inf, lo_open=True, hi_open=True)
+        check_range(n, "d_coef", g["d_coef"], 0.0, math.inf, lo_open=True, hi_open=True)
+        check_range(n, "growth_rate", g["growth_rate"], 1.0)
+        sp = g["slice_p"]
+        if isinstance(sp, bool) or not isinstance(sp, int) or sp < 1:
+            fail(n, "slice_p", sp, "an int >= 1")
+        for flag in ("decouple", "use_bias_correction", "safeguard_warmup", "fsdp_in_use",
+                     "strict_growth", "stochastic_rounding"):
+            check_bool(n, flag, g[flag])
+        if g["nonfinite"] not in ("raise", "skip"):
+            fail(n, "nonfinite", g["nonfinite"], "'raise' or 'skip'")
+
+    def _check_groups(self, groups: list[dict[str, Any]]) -> None:
+        """Global hyperparameters agree and lrs are max-or-0 (prodigyopt's rule), else ValueError."""
+        n = type(self).__name__
+        g0 = groups[0]
+        for gi, g in enumerate(groups[1:], start=1):
+            for key in _GLOBAL_KEYS:
+                if _norm(g.get(key)) != _norm(g0.get(key)):
+                    raise ValueError(
+                        f"{n}: param group {gi} has {key}={g.get(key)!r} but param group 0 has "
+                        f"{g0.get(key)!r}; {key} is global in Prodigy (one d for all groups): "
+                        f"use the same value in every group"
+                    )
+        lrs = [float(g["lr"]) for g in groups]
+        nonzero = sorted({lr for lr in lrs if lr != 0.0})
+        if len(nonzero) > 1:
+            raise ValueError(
+                f"{n}: param groups have lr values {lrs}; Prodigy's step size d is global, so "
+                f"every group's lr must be either the largest lr ({max(lrs)!r}) or 0 (frozen). "
+                f"Tune the step with d_coef, or use separate optimizers"
+            )
+
+    # ------------------------------------------------------------------ groups and state
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if self.param_groups:
+            merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
+            self._validate_group(merged)
+            self._check_groups([*self.param_groups, merged])
+        super().add_param_group(param_group)
+        new = self.param_groups[-1]
+        if len(self.param_groups) > 1:  # a late group joins the running estimate
+            for key in _MIRRORED:
+                new[key] = self.param_groups[0][key]
+        new["effective_lr"] = _effective_lr(new)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._fresh = []
+        for g in self.param_groups:
+            # prodigyopt under FSDP stores these as tensors; plain floats from here on
+            for key in _FLOAT_SCALARS:
+                if isinstance(g.get(key), Tensor):
+                    g[key] = float(g[key])
+            g["k"] = int(g["k"])
+            g["effective_lr"] = _effective_lr(g)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load ours or prodigyopt's state_dict; low-precision params get float32 state back."""
+        low: dict[Any, Tensor] = {}
+        for saved, mine in zip(state_dict.get("param_groups", []), self.param_groups):
+            for pid, p in zip(saved.get("params", []), mine["params"]):
+                if p.dtype in _LOW_PRECISION:
+                    low[pid] = p
+        saved_state = state_dict.get("state", {})
+        super().load_state_dict(state_dict)
+        # torch casts floating state to the parameter's dtype; ours is float32 for bf16/fp16
+        # params, so take the saved values again (no double rounding through bf16).
+        for pid, p in low.items():
+            st = self.state.get(p)
+            if not st:
+                continue
+            for key in ("s", "p0", "exp_avg", "exp_avg_sq"):
+                v = saved_state[pid].get(key)
+                if isinstance(v, Tensor):
+                    st[key] = v.to(device=p.device, dtype=torch.float32, copy=True)
+
+    def _init_state(self, group: dict[str, Any], p: Tensor, state: dict[str, Any]) -> None:
+        pl = _local(p)
+        dt = _stat_dtype(pl)
+        sliced = pl.reshape(-1)[:: group["slice_p"]]
+        state["step"] = 0
+        state["s"] = torch.zeros(sliced.shape, dtype=dt, device=pl.device)
+        # Full copy for now; replaced by a 0-dim zero after the step's one host sync if the
+        # parameter turns out to be all zeros (prodigyopt's memory saving, decided without
+        # a sync of its own).
+        state["p0"] = sliced.to(dtype=dt, copy=True)
+        if self.param_groups[0]["betas"][0] > 0:
+            state["exp_avg"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
+        self._fresh.append(p)
+
+    def _state_spec(self, group: dict[str, Any], p: Tensor) -> dict[str, Any]:
+        n = p.numel()
+        s_shape = ANY if _is_dtensor(p) else (-(-n // group["slice_p"]),)
+        spec: dict[str, Any] = {"step": SCALAR, "s": s_shape, "p0": ANY, "exp_avg_sq": PARAM_SHAPE}
+        if group["betas"][0] > 0:
+            spec["exp_avg"] = PARAM_SHAPE
+        return spec
+
+    def _gather(self, gi: int, group: dict[str, Any]) -> GroupWork:
+        if gi == 0:  # before any state is created: the whole step is checked first
+            self._check_groups(self.param_groups)
+            self._fresh = []
+        return super()._gather(gi, group)
+
+    # ------------------------------------------------------------------ the step
+    def _apply(self, works: list[GroupWork]) -> None:
+        groups = self.param_groups
+        g0 = groups[0]
+        beta1, beta2 = g0["betas"]
+        beta3 = g0["beta3"] if g0["beta3"] is not None else math.sqrt(beta2)
+        k, d, d_max, d0 = g0["k"], g0["d"], g0["d_max"], g0["d0"]
+        lr = max(float(g["lr"]) for g in groups)
+        dlr = d * lr * _bias_correction(g0, k)
+        fresh, self._fresh = self._fresh, []
+        if lr == 0.0:  # everything frozen (prodigyopt also stops before any update)
+            self._settle_fresh(fresh, torch.stack([torch.any(_local(p)) for p in fresh]).tolist()
+                               if fresh else [])
+            return
+
+        # ---- phase 1: statistics, computed into new tensors; nothing is written yet
+        c_num = (d / d0) * dlr  # the numerator's per-step scale (d/d0 keeps it away from 0)
+        active = [w for w in works if w.params and float(w.group["lr"]) > 0]
+        pieces: list[tuple[Any, Any, Any]] = []  # per group: (<g_sl, p0 - p_sl>, ||s'||_1, probe)
+        pending: list[tuple[GroupWork, list[Tensor]]] = []
+        for w in active:
+            grp = w.group
+            fn = prodigy_stats_reference if w.impl == "reference" else prodigy_stats_foreach
+            dots, l1s, chk, s_new = fn(
+                [_local(p) for p in w.params], [_local(g) for g in w.grads],
+                [st["s"] for st in w.states], [st["p0"] for st in w.states],
+                slice_p=grp["slice_p"], beta3=beta3,
+                c_s=(d / d0) * d if grp["safeguard_warmup"] else (d / d0) * dlr,
+                coupled_wd=0.0 if g0["decouple"] else float(grp["weight_decay"]),
+            )
+            pieces.append((dots, l1s, chk))
+            pending.append((w, s_new))
+
+        # ---- the one host sync: global sums (all-reduced when sharded) and the p0 flags
+        delta, den, chk, flags = self._global_sums(pieces, fresh, c_num, works)
+        if not all(math.isfinite(x) for x in (delta, den, chk)):
+            self._reject(works, pending, fresh)
+            return
+        for w, s_new in pending:
+            for st, s in zip(w.states, s_new):
+                st["s"] = s
+        self._settle_fresh(fresh, flags)
+        if den == 0.0:  # no gradient signal yet: prodigyopt keeps s, m, v and returns
+            for w in active:
+                self._phase2(w, beta1, beta2, d, d, dlr, update_params=False)
+            return
+
+        # ---- d update (global scalars, host floats)
+        d_numerator = g0["d_numerator"] * beta3 + delta
+        d_hat = g0["d_coef"] * d_numerator / den
+        d_new = d
+        if d == d0 and not g0["strict_growth"]:
+            d_new = max(d, d_hat)
+        d_max = max(d_max, d_hat)
+        d_new = min(d_max, d_new * g0["growth_rate"])
+        for g in groups:
+            g.update(d_numerator=d_numerator, d_denom=den, d=d_new, d_max=d_max, d_hat=d_hat,
+                     k=k + 1)
+            g["effective_lr"] = _effective_lr(g)
+
+        # ---- phase 2: moments and parameters (frozen groups only count the step)
+        for w in works:
+            if w.params and float(w.group["lr"]) > 0:
+                self._phase2(w, beta1, beta2, d, d_new, dlr, update_params=True)
+            for st in w.states:
+                st["step"] += 1
+
+    def _phase2(self, w: GroupWork, beta1: float, beta2: float, d: float, d_new: float,
+                dlr: float, *, update_params: bool) -> None:
+        grp = w.group
+        fn = prodigy_apply_reference if w.impl == "reference" else prodigy_apply_foreach
+        fn(
+            [_local(p) for p in w.params], [_local(g) for g in w.grads],
+            [_local(st["exp_avg"]) for st in w.states] if beta1 > 0 else None,
+            [_local(st["exp_avg_sq"]) for st in w.states],
+            beta1=beta1, beta2=beta2, d=d, d_new=d_new, dlr=dlr, eps=float(grp["eps"]),
+            weight_decay=float(grp["weight_decay"]), decouple=self.param_groups[0]["decouple"],
+            stochastic_rounding=grp["stochastic_rounding"], update_params=update_params,
+        )
+
+    # ------------------------------------------------------------------ helpers
+    def _global_sums(self, pieces: list[tuple[Any, Any, Any]], fresh: list[Tensor], c_num: float,
+                     works: list[GroupWork]) -> tuple[float, float, float, list[float]]:
+        """(sum of c_num * dots, sum of ||s'||_1, finiteness probe, p0 flags) with one host sync.
+
+        Unsharded, the per-tensor values come to the host and are summed there in parameter
+        order, exactly as prodigyopt sums its per-parameter ``.item()`` values, so the result is
+        bitwise the same whatever the implementation. Sharded, each rank sums on its device and
+        the 3-vector is all-reduced there (ranks without gradients contribute zeros).
+        """
+        dev = self._main_device()
+        acc = _acc_dtype(dev)
+        flags = [torch.any(_local(p)).reshape(1).to(device=dev, dtype=acc) for p in fresh]
+        if self._sharded(works):
+            red = torch.zeros(3, dtype=acc, device=dev)
+            for dots, l1s, chk in pieces:
+                if isinstance(dots, Tensor):
+                    red += torch.stack([dots.sum() * c_num, l1s.sum(), chk]).to(red)
+                else:
+                    red += torch.tensor([c_num * sum(dots), sum(l1s), chk], dtype=acc, device=dev)
+            dist.all_reduce(red, op=dist.ReduceOp.SUM)
+            vals = torch.cat([red, *flags]).tolist()
+            return vals[0], vals[1], vals[2], vals[3:]
+        on_dev = [t.reshape(-1).to(device=dev, dtype=acc) for piece in pieces
+                  if isinstance(piece[0], Tensor) for t in piece]
+        host = iter(torch.cat(on_dev + flags).tolist() if on_dev or flags else [])
+        delta = den = chk = 0.0
+        for dots, l1s, probe in pieces:
+            if isinstance(dots, Tensor):
+                dots = [next(host) for _ in range(dots.numel())]
+                l1s = [next(host) for _ in range(l1s.numel())]
+                probe = next(host)
+            for x in dots:
+                delta += c_num * x
+            for x in l1s:
+                den += x
+            chk += probe
+        return delta, den, chk, list(host)
+
+    def _main_device(self) -> torch.device:
+        return _local(self.param_groups[0]["params"][0]).device
+
+    def _sharded(self, works: list[GroupWork]) -> bool:
+        """Sharded when asked, or when any parameter (with a grad or not) is DTensor/FSDP1-flat."""
+        sharded = self.param_groups[0]["fsdp_in_use"] or any(
+            _is_dtensor(p) or hasattr(p, "_fsdp_flattened")
+            for g in self.param_groups for p in g["params"]
+        )
+        # without an initialised process group there is one rank: the local sums are global
+        return bool(sharded and dist is not None and dist.is_available() and dist.is_initialized())
+
+    def _settle_fresh(self, fresh: list[Tensor], any_flags: list[float]) -> None:
+        for p, nonzero in zip(fresh, any_flags):
+            if not nonzero:
+                st = self.state[p]
+                st["p0"] = torch.zeros((), dtype=st["p0"].dtype, device=st["p0"].device)
+
+    def _reject(self, works: list[GroupWork], pending: list[tuple[GroupWork, list[Tensor]]],
+                fresh: list[Tensor]) -> None:
+        """A non-finite statistic: undo state creation, then raise or skip."""
+        where = _locate_nonfinite(self.param_groups, works, pending)
+        for p in fresh:  # state created by this step: back to "never stepped"
+            del self.state[p]
+        n = type(self).__name__
+        msg = (f"{n}: non-finite statistics in this step ({where}); the step was not taken and "
+               f"parameters and optimizer state are unchanged")
+        if self.param_groups[0]["nonfinite"] == "raise":
+            raise NonFiniteStepError(msg + "; pass nonfinite='skip' to skip such steps instead")
+        for g in self.param_groups:
+            g["skipped_steps"] += 1
+        warnings.warn(msg + f" (skipped steps so far: {self.param_groups[0]['skipped_steps']})",
+                      RuntimeWarning, stacklevel=4)
+
+
+# ---------------------------------------------------------------------------------- math
+def prodigy_stats_reference(
+    params: list[Tensor], grads: list[Tensor], s: list[Tensor], p0: list[Tensor], *,
+    slice_p: int, beta3: float, c_s: float, coupled_wd: float,
+) -> tuple[list[float], list[float], float, list[Tensor]]:
+    """Phase 1, one tensor at a time, in prodigyopt's order of operations. Reads only.
+
+    Returns per tensor ``<g_sl, p0 - p_sl>`` and ``||s_new||_1`` with
+    ``s_new = beta3 * s + c_s * g_sl``; a finiteness probe (max |g| when ``slice_p > 1``, since
+    the slice does not see every gradient entry; else 0); and the ``s_new`` tensors.
+    """
+    dots: list[float] = []
+    l1s: list[float] = []
+    chk = 0.0
+    s_new: list[Tensor] = []
+    for p, g, s_, p0_ in zip(params, grads, s, p0):
+        if p.dtype in _LOW_PRECISION:
+            p, g = p.float(), g.float()
+        if coupled_wd != 0:
+            g = g.add(p, alpha=coupled_wd)  # g + wd * theta, in a new tensor
+        g_sl = g.flatten()[::slice_p]
+        dots.append(torch.dot(g_sl, p0_ - p.flatten()[::slice_p]).item())  # r increment / c
+        sn = s_.mul(beta3).add_(g_sl, alpha=c_s)  # s <- beta3 s + c_s g_sl
+        l1s.append(sn.abs().sum().item())  # ||s||_1 term
+        if slice_p > 1 and g.numel():
+            chk += g.abs().amax().item()
+        s_new.append(sn)
+    return dots, l1s, chk, s_new
+
+
+def prodigy_stats_foreach(
+    params: list[Tensor], grads: list[Tensor], s: list[Tensor], p0: list[Tensor], *,
+    slice_p: int, beta3: float, c_s: float, coupled_wd: float,
+) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+    """Phase 1 with multi-tensor ops per (device, dtype); no host sync. Reads only.
+
+    The same values as :func:`prodigy_stats_reference`, as device tensors in input order
+    (per-tensor dots and L1 norms, on the first tensor's device in float64).
+    """
+    n = len(params)
+    s_new: list[Tensor] = [torch.empty(0)] * n
+    dev = params[0].device
+    acc = _acc_dtype(dev)
+    dots_by, l1_by, order = [], [], []
+    chk = torch.zeros((), dtype=acc, device=dev)
+    for (ps, gs, ss, p0s), idx in group_by_device_dtype(params, grads, s, p0).values():
+        p_sl = [p.reshape(-1)[::slice_p] for p in ps]
+        g_sl = [g.reshape(-1)[::slice_p] for g in gs]
+        if ps[0].dtype in _LOW_PRECISION:
+            p_sl, g_sl = [t.float() for t in p_sl], [t.float() for t in g_sl]
+        if coupled_wd != 0:
+            g_sl = tc.foreach_add(g_sl, p_sl, alpha=coupled_wd)  # new tensors: p.grad untouched
+        diffs = tc.foreach_sub([q0 if q0.dim() else q0.expand_as(q) for q0, q in zip(p0s, p_sl)],
+                               p_sl)
+        # torch has no multi-tensor dot or sum; these per-tensor reductions stay on device and
+        # match the reference bit for bit (foreach_norm(ord=1) sums in another order).
+        dots_by.append(torch.stack([torch.dot(a, b) for a, b in zip(g_sl, diffs)]).to(dev, acc))
+        sn = tc.foreach_mul(ss, beta3)
+        tc.foreach_add_(sn, g_sl, alpha=c_s)
+        l1_by.append(torch.stack([t.sum() for t in tc.foreach_abs(sn)]).to(dev, acc))
+        if slice_p > 1:  # entries outside the slice: max |g| is NaN/inf iff one of them is
+            chk = chk + torch.stack(tc.foreach_norm(gs, ord=math.inf)).to(dev, acc).sum()
+        order.extend(idx)
+        for j, i in enumerate(idx):
+            s_new[i] = sn[j]
+    dots, l1s = torch.cat(dots_by), torch.cat(l1_by)
+    if order != list(range(n)):  # several buckets: back to parameter order
+        inv = torch.empty(n, dtype=torch.long)
+        inv[torch.tensor(order)] = torch.arange(n)
+        dots, l1s = dots[inv.to(dev)], l1s[inv.to(dev)]
+    return dots, l1s, chk, s_new
+
+
+def prodigy_apply_reference(
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor] | None,
+    exp_avg_sqs: list[Tensor], *, beta1: float, beta2: float, d: float, d_new: float, dlr: float,
+    eps: float, weight_decay: float, decouple: bool, stochastic_rounding: bool,
+    update_params: bool = True,
+) -> None:
+    """Phase 2, one tensor at a time: moments with the old d, the step with the new d'."""
+    for i, (p, g) in enumerate(zip(params, grads)):
+        low = p.dtype in _LOW_PRECISION
+        theta = p.float() if low else p
+        if low:
+            g = g.float()
+        if weight_decay != 0 and not decouple:
+            g = g.add(theta, alpha=weight_decay)  # coupled L2, in a new tensor
+        v = exp_avg_sqs[i]
+        if exp_avgs is not None:
+            exp_avgs[i].mul_(beta1).add_(g, alpha=d * (1 - beta1))  # m <- b1 m + d(1-b1) g
+        v.mul_(beta2).addcmul_(g, g, value=d * d * (1 - beta2))  # v <- b2 v + d^2(1-b2) g^2
+        if not update_params:
+            continue
+        denom = v.sqrt().add_(d_new * eps)  # sqrt(v) + d' eps
+        if weight_decay != 0 and decouple:
+            theta.add_(theta, alpha=-weight_decay * dlr)  # theta -= wd dlr theta
+        if exp_avgs is not None:
+            theta.addcdiv_(exp_avgs[i], denom, value=-dlr)  # theta -= dlr m / denom
+        else:
+            theta.addcdiv_(g, denom, value=-dlr * d_new)  # theta -= dlr d' g / denom
+        if low:
+            _write_back(p, theta, stochastic_rounding)
+
+
+def prodigy_apply_foreach(
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor] | None,
+    exp_avg_sqs: list[Tensor], *, beta1: float, beta2: float, d: float, d_new: float, dlr: float,
+    eps: float, weight_decay: float, decouple: bool, stochastic_rounding: bool,
+    update_params: bool = True,
+) -> None:
+    """Phase 2 with multi-tensor ops per (device, dtype): the same equations."""
+    lists = (params, grads, exp_avg_sqs) + ((exp_avgs,) if exp_avgs is not None else ())
+    for blists, _ in group_by_device_dtype(*lists).values():
+        ps, gs, vs = blists[0], blists[1], blists[2]
+        low = ps[0].dtype in _LOW_PRECISION
+        thetas = [p.float() for p in ps] if low else ps
+        if low:
+            gs = [g.float() for g in gs]
+        if weight_decay != 0 and not decouple:
+            gs = tc.foreach_add(gs, thetas, alpha=weight_decay)
+        if exp_avgs is not None:
+            ms = blists[3]
+            tc.foreach_mul_(ms, beta1)
+            tc.foreach_add_(ms, gs, alpha=d * (1 - beta1))
+        tc.foreach_mul_(vs, beta2)
+        tc.foreach_addcmul_(vs, gs, gs, value=d * d * (1 - beta2))
+        if not update_params:
+            continue
+        denom = tc.foreach_sqrt(vs)
+        tc.foreach_add_(denom, d_new * eps)
+        if weight_decay != 0 and decouple:
+            tc.foreach_add_(thetas, thetas, alpha=-weight_decay * dlr)
+        if exp_avgs is not None:
+            tc.foreach_addcdiv_(thetas, blists[3], denom, value=-dlr)
+        else:
+            tc.foreach_addcdiv_(thetas, gs, denom, value=-dlr * d_new)
+        if low:
+            if stochastic_rounding:
+                for p, t in zip(ps, thetas):
+                    _stochastic_round_(p, t)
+            else:
+                tc.foreach_copy_(ps, thetas)
+
+
+def _write_back(p: Tensor, value: Tensor, stochastic: bool) -> None:
+    if stochastic:
+        _stochastic_round_(p, value)
+    else:
+        p.copy_(value)  # round to nearest
+
+
+def _stochastic_round_(dst: Tensor, src: Tensor) -> None:
+    """Write float32 ``src`` into low-precision ``dst``, unbiased: E[dst] == src.
+
+    ``src`` lies between its nearest representable value and the neighbour on its other side;
+    the neighbour is chosen with probability equal to the fraction of the gap ``src`` covers.
+    """
+    near = src.to(dst.dtype)
+    nf = near.float()
+    inf = torch.full_like(near, math.inf)
+    other = torch.nextafter(near, torch.where(nf < src, inf, -inf))
+    p_other = (src - nf).abs() / (other.float() - nf).abs()  # NaN at inf: keeps ``near``
+    dst.copy_(torch.where(torch.rand_like(src) < p_other, other, near))
+
+
+def _locate_nonfinite(groups: list[dict[str, Any]], works: list[GroupWork],
+                      pending: list[tuple[GroupWork, list[Tensor]]]) -> str:
+    """Name the first parameter whose step statistics are non-finite (error path: syncs freely)."""
+    for w, s_new in pending:
+        gi = next(i for i, g in enumerate(groups) if g is w.group)
+        for p, g, st, sn in zip(w.params, w.grads, w.states, s_new):
+            parts = {"gradient": _local(g), "parameter": _local(p), "state p0": st["p0"],
+                     "state s": sn}
+            bad = [name for name, t in parts.items() if not bool(torch.isfinite(t).all())]
+            if bad:
+                pi = next(i for i, q in enumerate(w.group["params"]) if q is p)
+                return (f"first at param group {gi}, parameter {pi}, shape {tuple(p.shape)}: "
+                        f"non-finite {' and '.join(bad)}")
+    return ("no local parameter holds a NaN/inf: the sums overflowed, or the NaN/inf is on "
+            "another rank")
+
+
+def _bias_correction(group: dict[str, Any], k: int) -> float:
+    if not group["use_bias_correction"]:
+        return 1.0
+    beta1, beta2 = group["betas"]
+    return ((1 - beta2 ** (k + 1)) ** 0.5) / (1 - beta1 ** (k + 1))
+
+
+def _effective_lr(group: dict[str, Any]) -> float:
+    """The multiplier the next step applies: d * lr * bias_correction (0 for a frozen group)."""
+    return float(group["d"]) * float(group["lr"]) * _bias_correction(group, int(group["k"]))
+
+
+def _local(t: Tensor) -> Tensor:
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def _stat_dtype(p: Tensor) -> torch.dtype:
+    return torch.float32 if p.dtype in _LOW_PRECISION else p.dtype
+
+
+def _acc_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _norm(v: Any) -> Any:
+    if isinstance(v, Tensor):
+        return float(v)
+    if isinstance(v, (list, tuple)):
+        return tuple(_norm(x) for x in v)
+    return v
