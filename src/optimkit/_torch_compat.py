@@ -28,6 +28,7 @@ foreach_neg = torch._foreach_neg
 foreach_sqrt = torch._foreach_sqrt
 foreach_sqrt_ = torch._foreach_sqrt_
 foreach_sub_ = torch._foreach_sub_
+foreach_sub = torch._foreach_sub
 foreach_copy_ = torch._foreach_copy_
 foreach_norm = torch._foreach_norm
 foreach_abs = torch._foreach_abs
