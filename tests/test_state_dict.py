@@ -1,0 +1,221 @@
+"""state_dict: checkpoints cross between torch.optim and optimkit, resume bit for bit, and
+malformed ones are rejected before anything changes.
+
+Every state_dict goes through ``torch.save`` / ``torch.load(weights_only=True)``
+(``harness.roundtrip``), as a real checkpoint would. Runs are the parity model of
+``harness`` (two param groups, a 0-dim and an empty parameter, a frozen layer and a dropped
+gradient before the split) in float64; the split is after ``SPLIT`` steps.
+
+Tolerances (stated): torch <-> optimkit continuations agree to ``harness.tolerances(float64)``
+(1e-12 relative); a save/load inside optimkit is bit-identical (rtol=0, atol=0).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import harness
+from optim_db import IMPL_FLAGS, OPTIMS, config_id
+
+SPLIT = 50
+REST = 50
+
+_one_thread = pytest.fixture(autouse=True, scope="module")(harness.one_thread)
+
+CASES = [
+    pytest.param(info, cfg, impl, id=f"{info.name}-{impl}-{config_id(cfg)}")
+    for info in OPTIMS
+    for cfg in info.configs
+    for impl in info.impls
+]
+
+
+def _resume(make, net, sd, second):
+    """A fresh optimizer over ``net`` that loads ``sd`` (after a checkpoint round trip)."""
+    opt = make(net.groups(second))
+    opt.load_state_dict(harness.roundtrip(sd))
+    return opt
+
+
+def _hyper(opt):
+    return [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+
+
+# ---------------------------------------------------------------------------- (a) cross
+@pytest.mark.parametrize("info,cfg,impl", CASES)
+def test_torch_checkpoint_continues_in_optimkit(info, cfg, impl):
+    """torch.optim runs 50 steps and saves; optimkit loads and continues as torch does."""
+    flags = IMPL_FLAGS[impl]
+    second = info.second_group
+    net_t, opt_t, _ = harness.run(lambda g: info.oracle(g, **cfg, **flags), steps=SPLIT,
+                                  second=second)
+    net_o = copy.deepcopy(net_t)
+    opt_o = _resume(lambda g: info.cls(g, **cfg, **flags), net_o, opt_t.state_dict(), second)
+    assert _hyper(opt_o) == _hyper(opt_t)
+    harness.run(None, net=net_t, opt=opt_t, start=SPLIT, steps=REST)
+    harness.run(None, net=net_o, opt=opt_o, start=SPLIT, steps=REST)
+    harness.assert_same_trajectory(net_o, opt_o, net_t, opt_t, **harness.tolerances(torch.float64))
+
+
+@pytest.mark.parametrize("info,cfg,impl", CASES)
+def test_optimkit_checkpoint_continues_in_torch(info, cfg, impl):
+    """optimkit runs 50 steps and saves; torch.optim loads and continues as optimkit does."""
+    flags = IMPL_FLAGS[impl]
+    second = info.second_group
+    net_o, opt_o, _ = harness.run(lambda g: info.cls(g, **cfg, **flags), steps=SPLIT,
+                                  second=second)
+    net_t = copy.deepcopy(net_o)
+    opt_t = _resume(lambda g: info.oracle(g, **cfg, **flags), net_t, opt_o.state_dict(), second)
+    assert _hyper(opt_t) == _hyper(opt_o)
+    harness.run(None, net=net_o, opt=opt_o, start=SPLIT, steps=REST)
+    harness.run(None, net=net_t, opt=opt_t, start=SPLIT, steps=REST)
+    harness.assert_same_trajectory(net_t, opt_t, net_o, opt_o, **harness.tolerances(torch.float64))
+
+
+# ----------------------------------------------------------------------- (b) bit resume
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("info,cfg,impl", CASES)
+def test_resume_is_bit_identical(info, cfg, impl, dtype):
+    """Save mid-run, load into a fresh optimizer: the rest of the run is bit for bit the same
+    as an uninterrupted one."""
+    make = lambda g: info.cls(g, **cfg, **IMPL_FLAGS[impl])  # noqa: E731
+    second = info.second_group
+    net_a, opt_a, _ = harness.run(make, steps=SPLIT, dtype=dtype, second=second)
+    net_b = copy.deepcopy(net_a)
+    opt_b = _resume(make, net_b, opt_a.state_dict(), second)
+    assert harness.bitwise_equal(_hyper(opt_b), _hyper(opt_a))
+    _, _, loss_a = harness.run(None, net=net_a, opt=opt_a, start=SPLIT, steps=REST, dtype=dtype)
+    _, _, loss_b = harness.run(None, net=net_b, opt=opt_b, start=SPLIT, steps=REST, dtype=dtype)
+    assert loss_a == loss_b
+    harness.assert_same_trajectory(net_b, opt_b, net_a, opt_a, rtol=0, atol=0)
+    # assert_close(rtol=0, atol=0) equates -0.0 and 0.0 and ignores int/float scalar types:
+    # check the state bit for bit, value types included.
+    for pa, pb in zip(net_a.parameters(), net_b.parameters()):
+        assert harness.bitwise_equal(dict(opt_a.state.get(pa, {})), dict(opt_b.state.get(pb, {})))
+
+
+# ------------------------------------------------------------------- (c) malformed dicts
+def _stepped(info, cfg):
+    """An optimizer of ``info`` with state: three steps of the parity model."""
+    _, opt, _ = harness.run(lambda g: info.cls(g, **cfg), steps=3, events=False,
+                            second=info.second_group)
+    return opt
+
+
+def _assert_rejected(opt, sd, *fragments):
+    before = harness.snapshot(opt)
+    with pytest.raises(ValueError) as err:
+        opt.load_state_dict(sd)
+    msg = str(err.value)
+    assert type(opt).__name__ in msg, msg
+    for f in fragments:
+        assert f in msg, f"{f!r} not in {msg!r}"
+    harness.assert_unchanged(opt, before)
+
+
+@pytest.mark.parametrize("info", OPTIMS, ids=lambda i: i.name)
+def test_rejects_non_dict_and_missing_sections(info):
+    opt = _stepped(info, info.configs[-1])
+    good = harness.roundtrip(opt.state_dict())
+    for bad in (None, [], "state", 3, [good["state"], good["param_groups"]],
+                {"state": good["state"]}, {"param_groups": good["param_groups"]},
+                {"state": [], "param_groups": good["param_groups"]},
+                {"state": good["state"], "param_groups": tuple(good["param_groups"])}):
+        _assert_rejected(opt, bad)
+    opt.load_state_dict(good)  # the optimizer is still usable and takes a good one
+
+
+@pytest.mark.parametrize("info", OPTIMS, ids=lambda i: i.name)
+def test_rejects_wrong_number_of_groups(info):
+    opt = _stepped(info, info.configs[-1])
+    fewer = harness.roundtrip(opt.state_dict())
+    fewer["param_groups"] = fewer["param_groups"][:1]
+    _assert_rejected(opt, fewer, "param groups")
+    more = harness.roundtrip(opt.state_dict())
+    more["param_groups"].append(copy.deepcopy(more["param_groups"][-1]))
+    _assert_rejected(opt, more, "param groups")
+
+
+@pytest.mark.parametrize("info", OPTIMS, ids=lambda i: i.name)
+def test_rejects_wrong_param_count(info):
+    opt = _stepped(info, info.configs[-1])
+    fewer = harness.roundtrip(opt.state_dict())
+    dropped = fewer["param_groups"][0]["params"].pop()
+    fewer["state"].pop(dropped, None)
+    _assert_rejected(opt, fewer, "parameters")
+    more = harness.roundtrip(opt.state_dict())
+    more["param_groups"][1]["params"].append(1000)
+    _assert_rejected(opt, more, "parameters")
+
+
+@pytest.mark.parametrize("info", OPTIMS, ids=lambda i: i.name)
+def test_rejects_state_of_unknown_parameter(info):
+    opt = _stepped(info, info.configs[-1])
+    sd = harness.roundtrip(opt.state_dict())
+    sd["state"][1000] = copy.deepcopy(next(iter(sd["state"].values()), {}))
+    _assert_rejected(opt, sd, "1000")
+
+
+def _stateful_configs(info):
+    """(config, stepped optimizer, its state_dict) for every config that keeps state."""
+    out = []
+    for cfg in info.configs:
+        opt = _stepped(info, cfg)
+        sd = harness.roundtrip(opt.state_dict())
+        if any(sd["state"].values()):
+            out.append((cfg, opt, sd))
+    assert out, f"no config of {info.name} keeps any state; the table needs one"
+    return out
+
+
+@pytest.mark.parametrize("info", OPTIMS, ids=lambda i: i.name)
+def test_rejects_missing_state_key(info):
+    """Every key a stepped parameter has is needed to continue: dropping any is an error.
+
+    An empty state means "not stepped yet" and is valid, so where dropping the key would
+    leave the state empty, a foreign key stands in (a checkpoint of another optimizer).
+    """
+    checked = 0
+    for cfg, opt, sd in _stateful_configs(info):
+        for pid, st in sd["state"].items():
+            for key in st:
+                bad = copy.deepcopy(sd)
+                del bad["state"][pid][key]
+                if not bad["state"][pid]:
+                    bad["state"][pid]["not_a_state_key"] = torch.zeros(())
+                _assert_rejected(opt, bad, repr(key))
+                checked += 1
+    assert checked > 0
+
+
+@pytest.mark.parametrize("info", OPTIMS, ids=lambda i: i.name)
+def test_rejects_wrong_state_tensor_shape(info):
+    """A state tensor with a trailing extra dimension (so also a wrong element count for
+    0-dim and empty parameters) is rejected."""
+    checked = 0
+    for cfg, opt, sd in _stateful_configs(info):
+        for pid, st in sd["state"].items():
+            for key, v in st.items():
+                if not isinstance(v, torch.Tensor):
+                    continue
+                bad = copy.deepcopy(sd)
+                bad["state"][pid][key] = torch.zeros(*v.shape, 2, dtype=v.dtype)
+                _assert_rejected(opt, bad, repr(key))
+                checked += 1
+    assert checked > 0
+
+
+@pytest.mark.parametrize("info", OPTIMS, ids=lambda i: i.name)
+def test_rejects_invalid_hyperparameter_in_saved_group(info):
+    """Each of the row's invalid constructor inputs, written into a saved param group (of an
+    optimizer built with the defaults, as the error inputs assume), is rejected on load with
+    the same message fragment."""
+    opt = _stepped(info, {})
+    for kwargs, fragment in info.error_inputs:
+        for gi in (0, 1):
+            sd = harness.roundtrip(opt.state_dict())
+            sd["param_groups"][gi].update(copy.deepcopy(kwargs))
+            _assert_rejected(opt, sd, fragment, f"param group {gi}")
