@@ -1,0 +1,298 @@
+"""The ``optimkit`` command: compare | recommend | explain | trajectories | bench | list.
+
+A thin front end: it parses arguments, calls the library and turns every usage error
+(unknown task or optimizer, malformed spec, missing module) into one line on stderr and
+exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+__all__ = ["main", "build_parser"]
+
+_PROG = "optimkit"
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for; printed as one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (with a pointer to --help), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _split_list(values: Sequence[str] | None) -> list[str] | None:
+    """``--tasks a b,c`` -> ``[a, b, c]``; an item with ``:`` (a spec) is never split."""
+    if values is None:
+        return None
+    out: list[str] = []
+    for v in values:
+        if ":" in v:
+            out.append(v)
+        else:
+            out += [p for p in (s.strip() for s in v.split(",")) if p]
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=_PROG, description="optimkit: PyTorch optimizers, and tools to choose between them.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    c = sub.add_parser("compare", help="race optimizers on built-in (or your) tasks; write a report",
+                       description="Race optimizers on real tasks; print ranked tables, write a report folder "
+                                   "(PNG plots, index.html, results.json).")
+    c.add_argument("--tasks", nargs="+", metavar="TASK",
+                   help="built-in task names (default: logreg cnn charlm docbow; optional: mnist1d fashion) "
+                        "and/or module:function user tasks")
+    c.add_argument("--task", action="append", default=[], metavar="MODULE:FUNCTION",
+                   help="a user task: MODULE:FUNCTION returning optimkit.compare.Task (repeatable)")
+    c.add_argument("--optimizers", nargs="+", metavar="SPEC",
+                   help="registry names, or name:key=value,... (e.g. adamw:lr=3e-4,weight_decay=0.1); "
+                        "default: every registered optimizer at its recommended lr")
+    c.add_argument("--steps", type=int, help="steps per run (default: each task's own)")
+    c.add_argument("--seeds", type=int, help="seeds per run (default 2; 1 with --quick)")
+    c.add_argument("--lr-sweep", action="store_true",
+                   help="for optimizers that need lr tuning, also try default lr x {0.1,0.3,1,3,10}")
+    c.add_argument("--out", default="optimkit-report", help="report folder (default ./optimkit-report)")
+    c.add_argument("--no-report", action="store_true", help="print the tables only, write no files")
+    c.add_argument("--json", nargs="?", const="-", metavar="PATH",
+                   help="also write the results JSON to PATH ('-' or no value: to stdout, instead of the tables)")
+    c.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    c.add_argument("--threads", type=int, default=1,
+                   help="torch threads during the race (default 1: fastest for these small models; 0 = torch's)")
+    c.add_argument("--quick", action="store_true", help="short runs, 1 seed: under a minute")
+    c.add_argument("--no-progress", action="store_true", help="no progress display")
+
+    r = sub.add_parser("recommend", help="which optimizer to start with, and why",
+                       description="Ranked optimizer recommendations with starting hyperparameters and reasons.")
+    r.add_argument("--model", choices=["cnn", "transformer", "rnn", "gan", "linear", "mlp"],
+                   help="the kind of model")
+    r.add_argument("--sparse", action="store_true", help="sparse features / large embedding tables")
+    r.add_argument("--data-size", choices=["small", "medium", "large"], help="amount of training data")
+    r.add_argument("--memory-tight", action="store_true", help="optimizer state memory is the constraint")
+    r.add_argument("--no-tuning", action="store_true", help="no budget to tune the learning rate")
+    r.add_argument("--fine-tune", action="store_true", help="fine-tuning a pretrained model")
+    r.add_argument("--top", type=int, default=3, help="how many recommendations (default 3)")
+    r.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    e = sub.add_parser("explain", help="update rule, hyperparameters, tuning advice and pitfalls of an optimizer",
+                       description="Explain one optimizer from the registry.")
+    e.add_argument("name", help="registry name or alias (see `optimkit list`)")
+    e.add_argument("--markdown", action="store_true", help="print the markdown docs page instead")
+
+    t = sub.add_parser("trajectories", help="paths of optimizers on 2-D test functions (PNG)",
+                       description="Draw optimizer paths on Rosenbrock, Beale, a saddle and an ill-conditioned "
+                                   "quadratic.")
+    t.add_argument("--optimizers", nargs="+", metavar="SPEC", help="names or name:key=value specs")
+    t.add_argument("--functions", nargs="+", metavar="NAME",
+                   help="rosenbrock beale saddle quadratic (default: all)")
+    t.add_argument("--steps", type=int, default=None, help="steps per path (default: per function)")
+    t.add_argument("--out", default="optimkit-trajectories.png", help="PNG file to write")
+
+    sub.add_parser("list", help="list the registered optimizers and the built-in tasks")
+
+    b = sub.add_parser("bench", help="step-time / memory benchmarks (optimkit.bench)", add_help=False)
+    b.add_argument("args", nargs=argparse.REMAINDER)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``optimkit`` command; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # everything after `bench` belongs to the benchmark's own parser
+        return _bench(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return {
+            "compare": _compare,
+            "recommend": _recommend,
+            "explain": _explain,
+            "trajectories": _trajectories,
+            "list": _list,
+        }[args.command](args)
+    except (UsageError, ValueError, KeyError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        msg = " ".join(str(msg).split())  # one line, always
+        print(f"{_PROG} {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{_PROG} {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+# ----------------------------------------------------------------------------- compare
+def _compare(args: argparse.Namespace) -> int:
+    from .compare import (
+        DEFAULT_SUITE,
+        TaskUnavailable,
+        build_task,
+        default_choices,
+        parse_optimizer_choice,
+        print_report,
+        run_compare,
+        write_json,
+        write_report,
+    )
+    from .compare.runner import Progress, RichProgress
+
+    if args.steps is not None and args.steps < 1:
+        raise UsageError(f"invalid --steps {args.steps}; expected >= 1")
+    if args.seeds is not None and args.seeds < 1:
+        raise UsageError(f"invalid --seeds {args.seeds}; expected >= 1")
+    names = _split_list(args.tasks) or []
+    names += args.task
+    if not names:
+        names = list(DEFAULT_SUITE)
+    if len(set(names)) != len(names):
+        raise UsageError(f"a task is named twice in {names}")
+    specs = _split_list(args.optimizers)
+    # check every name before the (slow) data loading starts
+    choices = [parse_optimizer_choice(s) for s in specs] if specs else default_choices()
+    if len({c.label for c in choices}) != len(choices):
+        raise UsageError("an optimizer is named twice")
+    device = _device(args.device)
+
+    tasks, unavailable = [], {}
+    for n in names:
+        try:
+            tasks.append(build_task(n, quick=args.quick))
+        except TaskUnavailable as e:
+            unavailable[n] = str(e)
+            print(f"skipping task {n}: {e}", file=sys.stderr)
+    if not tasks:
+        raise UsageError("no task can run (all skipped for missing data)")
+    seen: set[str] = set()
+    for t in tasks:
+        if t.name in seen:
+            raise UsageError(f"two tasks are named {t.name!r}")
+        seen.add(t.name)
+
+    to_stdout = args.json == "-"
+    progress = Progress() if args.no_progress else RichProgress()
+    result = run_compare(
+        tasks,
+        choices,
+        steps=args.steps,
+        seeds=args.seeds or (1 if args.quick else 2),
+        lr_sweep=args.lr_sweep,
+        quick=args.quick,
+        device=device,
+        threads=args.threads or None,
+        progress=progress,
+        unavailable=unavailable,
+    )
+    if not to_stdout:
+        print_report(result)
+    if not args.no_report:
+        write_report(result, args.out)
+        where = Path(args.out) / "index.html"
+        print(f"report: {where}  (plots, results.json)", file=sys.stderr if to_stdout else sys.stdout)
+    if args.json:
+        if to_stdout:
+            import json
+
+            sys.stdout.write(json.dumps(result, indent=1, allow_nan=False) + "\n")
+        else:
+            write_json(result, args.json)
+    return 0
+
+
+def _device(name: str) -> Any:
+    import torch
+
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise UsageError(f"invalid --device {name!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {name}: MPS is not available")
+    return dev
+
+
+# ----------------------------------------------------------------------------- others
+def _recommend(args: argparse.Namespace) -> int:
+    from .guide.recommend import Traits, recommend, render_recommendations
+
+    if args.top < 1:
+        raise UsageError(f"invalid --top {args.top}; expected >= 1")
+    traits = Traits(
+        model=args.model,
+        sparse=args.sparse,
+        data_size=args.data_size,
+        memory_tight=args.memory_tight,
+        no_tuning=args.no_tuning,
+        fine_tune=args.fine_tune,
+    )
+    recs = recommend(traits, top=args.top)
+    if args.json:
+        import json
+
+        print(json.dumps([r.as_dict() for r in recs], indent=1))
+    else:
+        sys.stdout.write(render_recommendations(traits, recs))
+    return 0
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from .factory import get_spec
+    from .guide.explain import render_markdown, render_text
+
+    spec = get_spec(args.name)
+    sys.stdout.write(render_markdown(spec) if args.markdown else render_text(spec))
+    return 0
+
+
+def _trajectories(args: argparse.Namespace) -> int:
+    from .trajectories import FUNCTIONS, draw_trajectories
+
+    funcs = _split_list(args.functions) or list(FUNCTIONS)
+    unknown = [f for f in funcs if f not in FUNCTIONS]
+    if unknown:
+        raise UsageError(f"unknown function {unknown[0]!r}; choose from {', '.join(FUNCTIONS)}")
+    if args.steps is not None and args.steps < 1:
+        raise UsageError(f"invalid --steps {args.steps}; expected >= 1")
+    path = draw_trajectories(args.out, optimizers=_split_list(args.optimizers), functions=funcs, steps=args.steps)
+    print(f"wrote {path}")
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    from .compare import BUILTIN_TASKS, DEFAULT_SUITE
+    from .factory import REGISTRY
+
+    print("optimizers (optimkit explain NAME):")
+    for name, spec in REGISTRY.items():
+        alias = f" (aliases: {', '.join(spec.aliases)})" if spec.aliases else ""
+        print(f"  {name:<10} {spec.description}{alias}")
+    print("tasks (optimkit compare --tasks ...):")
+    for name, builder in BUILTIN_TASKS.items():
+        doc = (builder.__doc__ or "").strip().splitlines()[0]
+        print(f"  {name:<10} {doc}{'' if name in DEFAULT_SUITE else '  [optional]'}")
+    return 0
+
+
+def _bench(argv: list[str]) -> int:
+    try:
+        from . import bench
+    except ImportError as e:
+        print(f"{_PROG} bench: error: the benchmark module is not available ({e})", file=sys.stderr)
+        return 2
+    return int(bench.main(argv) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
