@@ -1,12 +1,343 @@
-"""Placeholder: being implemented (see the issue)."""
-from .._base import OptimizerBase
+r"""Adam and AdamW: drop-in for ``torch.optim.Adam`` and ``torch.optim.AdamW``.
+
+The math, per parameter :math:`\theta` with gradient :math:`g_t` at its step :math:`t`
+(``t`` counts the steps *this* parameter has taken, so a frozen layer's counter pauses)::
+
+    g  <- -g                                   if maximize
+    theta <- theta * (1 - lr * weight_decay)   if decoupled_weight_decay (AdamW)
+    g  <- g + weight_decay * theta             otherwise (coupled L2 penalty)
+    m_t = beta1 * m_{t-1} + (1 - beta1) * g            first moment  (exp_avg)
+    v_t = beta2 * v_{t-1} + (1 - beta2) * g^2          second moment (exp_avg_sq)
+    vmax_t = max(vmax_{t-1}, v_t); v_t <- vmax_t       if amsgrad    (max_exp_avg_sq)
+    m_hat = m_t / (1 - beta1^t)                        bias corrections
+    v_hat = v_t / (1 - beta2^t)
+    theta <- theta - lr * m_hat / (sqrt(v_hat) + eps)
+
+``lr`` is in parameter units: once the moments settle, each element moves by about ``lr``
+per step whatever the gradient's scale. ``eps`` is in gradient units (it is added to
+``sqrt(v_hat)``). ``weight_decay`` is per unit of lr when decoupled (the parameter shrinks by
+the factor ``1 - lr * weight_decay`` each step), and a gradient coefficient when coupled.
+
+AdamW is this same algorithm with ``decoupled_weight_decay=True`` and ``weight_decay=1e-2``
+by default: an alias with one default changed (as in optax), the math is written once here.
+
+State, exactly as torch.optim stores it (so checkpoints load both ways): ``step`` (a 0-dim
+CPU tensor of dtype ``_torch_compat.scalar_dtype()``), ``exp_avg``, ``exp_avg_sq`` and, with
+``amsgrad``, ``max_exp_avg_sq``.
+
+References:
+    Kingma & Ba, Adam: A Method for Stochastic Optimization, https://arxiv.org/abs/1412.6980
+    Loshchilov & Hutter, Decoupled Weight Decay Regularization, https://arxiv.org/abs/1711.05101
+    Reddi et al., On the Convergence of Adam and Beyond, https://openreview.net/forum?id=ryQu7f-RZ
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import _torch_compat as tc
+from .._base import PARAM_SHAPE, SCALAR, GroupWork, OptimizerBase, ParamsT
+from .._impl import group_by_device_dtype
+from .._validation import check_betas, check_bool, check_range
 
 
 class Adam(OptimizerBase):
-    def __init__(self, params, **kwargs):
-        raise NotImplementedError("Adam is not implemented yet")
+    r"""Adam, optionally with AMSGrad and decoupled (AdamW-style) weight decay.
+
+    Args:
+        params: parameters or param groups to optimize.
+        lr: learning rate, ``lr >= 0``, in parameter units per step. Default ``1e-3``.
+        betas: ``(beta1, beta2)``, each in ``[0, 1)``: decay rates of the first and second
+            moment averages. Default ``(0.9, 0.999)``.
+        eps: ``>= 0``, added to ``sqrt(v_hat)`` for numerical stability (gradient units).
+        weight_decay: ``>= 0``; coupled L2 coefficient, or decoupled shrink rate per unit lr
+            when ``decoupled_weight_decay`` is set.
+        amsgrad: normalize by the running maximum of ``v`` (AMSGrad).
+        foreach: ``True`` multi-tensor path, ``False`` per-tensor reference, ``None`` fastest.
+        maximize: ascend the objective instead of descending.
+        capturable: not supported (``True`` raises); present for signature compatibility.
+        differentiable: not supported (``True`` raises); present for signature compatibility.
+        fused: ``True`` torch's fused single-pass kernel (the default when ``None`` and every
+            tensor is a CPU/CUDA floating tensor).
+        decoupled_weight_decay: apply weight decay to the parameter directly (AdamW).
+
+    Example:
+        >>> model = torch.nn.Linear(3, 1)
+        >>> opt = Adam(model.parameters(), lr=1e-3, amsgrad=True)
+        >>> model(torch.randn(4, 3)).sum().backward(); opt.step()
+    """
+
+    _has_fused = True
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        amsgrad: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        decoupled_weight_decay: bool = False,
+    ) -> None:
+        defaults = dict(
+            lr=lr, betas=_as_tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+            maximize=maximize, foreach=foreach, capturable=capturable,
+            differentiable=differentiable, fused=fused,
+            decoupled_weight_decay=decoupled_weight_decay,
+        )
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        normalize_steps(self)
+
+    def _validate_group(self, g: dict[str, Any]) -> None:
+        n = type(self).__name__
+        check_range(n, "lr", g["lr"], 0.0)
+        check_betas(n, g["betas"])
+        check_range(n, "eps", g["eps"], 0.0)
+        check_range(n, "weight_decay", g["weight_decay"], 0.0)
+        check_bool(n, "amsgrad", g["amsgrad"])
+        check_bool(n, "maximize", g["maximize"])
+        check_bool(n, "decoupled_weight_decay", g["decoupled_weight_decay"])
+
+    def _init_state(self, group: dict[str, Any], p: Tensor, state: dict[str, Any]) -> None:
+        # torch.optim's non-fused layout (a CPU counter), so checkpoints move both ways.
+        state["step"] = torch.tensor(0.0, dtype=tc.scalar_dtype())
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if group["amsgrad"]:
+            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def _state_spec(self, group: dict[str, Any], p: Tensor) -> dict[str, Any]:
+        spec = {"step": SCALAR, "exp_avg": PARAM_SHAPE, "exp_avg_sq": PARAM_SHAPE}
+        if group["amsgrad"]:
+            spec["max_exp_avg_sq"] = PARAM_SHAPE
+        return spec
+
+    def _update(self, work: GroupWork) -> None:
+        g = work.group
+        beta1, beta2 = (float(b) for b in g["betas"])
+        hp = dict(
+            lr=float(g["lr"]), beta1=beta1, beta2=beta2, eps=float(g["eps"]),
+            weight_decay=float(g["weight_decay"]), amsgrad=g["amsgrad"], maximize=g["maximize"],
+            decoupled_weight_decay=g["decoupled_weight_decay"],
+        )
+        maxes = None
+        if g["amsgrad"]:
+            # amsgrad switched on for a parameter that already has state: its running max
+            # starts from zero, i.e. from the current v, as if freshly enabled.
+            for s in work.states:
+                if s.get("max_exp_avg_sq") is None:
+                    s["max_exp_avg_sq"] = torch.zeros_like(s["exp_avg_sq"])
+            maxes = [s["max_exp_avg_sq"] for s in work.states]
+        fn = {"reference": adam_reference, "foreach": adam_foreach, "fused": adam_fused}[work.impl]
+        fn(
+            work.params, work.grads,
+            [s["exp_avg"] for s in work.states], [s["exp_avg_sq"] for s in work.states],
+            maxes, [s["step"] for s in work.states], **hp,
+        )
 
 
-class AdamW(OptimizerBase):
-    def __init__(self, params, **kwargs):
-        raise NotImplementedError("AdamW is not implemented yet")
+class AdamW(Adam):
+    r"""AdamW: :class:`Adam` with decoupled weight decay and ``weight_decay=1e-2`` by default.
+
+    An alias with one default changed; the math is :class:`Adam`'s (see the module docstring).
+    Each step first shrinks the parameter, ``theta <- theta * (1 - lr * weight_decay)``, then
+    applies the Adam update computed from the raw gradient.
+
+    Args:
+        params: parameters or param groups to optimize.
+        lr: learning rate, ``lr >= 0``, in parameter units per step. Default ``1e-3``.
+        betas: ``(beta1, beta2)``, each in ``[0, 1)``. Default ``(0.9, 0.999)``.
+        eps: ``>= 0``, added to ``sqrt(v_hat)`` (gradient units).
+        weight_decay: ``>= 0``, decoupled shrink rate per unit lr. Default ``1e-2``.
+        amsgrad: normalize by the running maximum of ``v`` (AMSGrad).
+        maximize: ascend the objective instead of descending.
+        foreach: ``True`` multi-tensor path, ``False`` per-tensor reference, ``None`` fastest.
+        capturable: not supported (``True`` raises); present for signature compatibility.
+        differentiable: not supported (``True`` raises); present for signature compatibility.
+        fused: ``True`` torch's fused single-pass kernel.
+
+    Example:
+        >>> model = torch.nn.Linear(3, 1)
+        >>> opt = AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+        >>> model(torch.randn(4, 3)).sum().backward(); opt.step()
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+    ) -> None:
+        super().__init__(
+            params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
+            capturable=capturable, differentiable=differentiable, fused=fused,
+            decoupled_weight_decay=True,
+        )
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # As torch.optim.AdamW: whatever was saved (e.g. an Adam state_dict), AdamW decouples.
+        for group in self.param_groups:
+            group["decoupled_weight_decay"] = True
+
+
+# ------------------------------------------------------------------------------- helpers
+def _as_tuple(betas: Any) -> Any:
+    # torch stores betas as a tuple; anything else is left for _validate_group to reject.
+    return tuple(betas) if isinstance(betas, (tuple, list)) else betas
+
+
+def advance_steps(steps: list[Tensor]) -> list[float]:
+    """Add one to every 0-dim ``step`` counter in place; return the new values as floats.
+
+    One host transfer for the whole list (``stack().tolist()``), not one ``.item()`` each.
+    """
+    if all(s.is_cpu for s in steps):
+        # A tensor scalar keeps CPU foreach on its fast overload (a Python 1 is re-wrapped
+        # into a tensor once per counter).
+        tc.foreach_add_(steps, torch.tensor(1.0), alpha=1.0)
+    else:
+        tc.foreach_add_(steps, 1.0)
+    if len({(s.device, s.dtype) for s in steps}) > 1:
+        steps = [s.to("cpu", torch.float64) for s in steps]
+    return torch.stack(steps).tolist()
+
+
+def normalize_steps(opt: torch.optim.Optimizer) -> None:
+    """Bring every ``step`` counter to torch.optim's non-fused layout: a 0-dim CPU tensor.
+
+    Old checkpoints hold Python numbers; torch's fused/capturable runs keep the counter on
+    the parameter's device. Both load into the layout our paths expect.
+    """
+    for st in opt.state.values():
+        if not isinstance(st, dict) or "step" not in st:
+            continue
+        s = st["step"]
+        if not isinstance(s, Tensor):
+            st["step"] = torch.tensor(float(s), dtype=tc.scalar_dtype())
+        elif not s.is_cpu:
+            st["step"] = s.detach().to("cpu")
+
+
+# ---------------------------------------------------------------------------------- math
+def adam_reference(
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor] | None, steps: list[Tensor], *,
+    lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, amsgrad: bool,
+    maximize: bool, decoupled_weight_decay: bool,
+) -> None:
+    """Per-tensor reference: the equations of the module docstring, one tensor at a time.
+
+    Parameters, moments and ``steps`` (0-dim counters) are updated in place.
+    """
+    for i, (p, g) in enumerate(zip(params, grads)):
+        m, v = exp_avgs[i], exp_avg_sqs[i]
+        steps[i].add_(1)
+        t = float(steps[i])
+        if maximize:
+            g = -g
+        if weight_decay != 0:
+            if decoupled_weight_decay:
+                p.mul_(1 - lr * weight_decay)  # theta <- theta (1 - lr lambda)
+            else:
+                g = g.add(p, alpha=weight_decay)  # g <- g + lambda theta
+        m.lerp_(g, 1 - beta1)  # m_t = beta1 m + (1 - beta1) g
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)  # v_t = beta2 v + (1 - beta2) g^2
+        bias_correction1 = 1 - beta1**t
+        bias_correction2 = 1 - beta2**t
+        if amsgrad:
+            assert max_exp_avg_sqs is not None
+            vmax = max_exp_avg_sqs[i]
+            torch.maximum(vmax, v, out=vmax)  # vmax_t = max(vmax, v_t)
+            v = vmax
+        denom = (v.sqrt() / bias_correction2**0.5).add_(eps)  # sqrt(v_hat) + eps
+        p.addcdiv_(m, denom, value=-lr / bias_correction1)  # theta -= lr m_hat / denom
+
+
+def adam_foreach(
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor] | None, steps: list[Tensor], *,
+    lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, amsgrad: bool,
+    maximize: bool, decoupled_weight_decay: bool,
+) -> None:
+    """Multi-tensor path: the same equations with ``torch._foreach_*`` per (device, dtype)."""
+    lists = [params, grads, exp_avgs, exp_avg_sqs, steps]
+    if amsgrad:
+        assert max_exp_avg_sqs is not None
+        lists.append(max_exp_avg_sqs)
+    for blists, _ in group_by_device_dtype(*lists).values():
+        ps, gs, ms, vs, ss = blists[:5]
+        ts = advance_steps(ss)
+        if maximize:
+            gs = tc.foreach_neg(gs)
+        if weight_decay != 0:
+            if decoupled_weight_decay:
+                tc.foreach_mul_(ps, 1 - lr * weight_decay)
+            elif maximize:
+                tc.foreach_add_(gs, ps, alpha=weight_decay)  # gs is already our own copy
+            else:
+                gs = tc.foreach_add(gs, ps, alpha=weight_decay)
+        tc.foreach_lerp_(ms, gs, 1 - beta1)
+        tc.foreach_mul_(vs, beta2)
+        tc.foreach_addcmul_(vs, gs, gs, 1 - beta2)
+        del gs  # free the maximize / weight-decay temporaries before allocating denom
+        if amsgrad:
+            vmax = blists[5]
+            tc.foreach_maximum_(vmax, vs)
+            denom = tc.foreach_sqrt(vmax)
+        else:
+            denom = tc.foreach_sqrt(vs)
+        tc.foreach_div_(denom, [(1 - beta2**t) ** 0.5 for t in ts])
+        tc.foreach_add_(denom, eps)
+        tc.foreach_addcdiv_(ps, ms, denom, [-lr / (1 - beta1**t) for t in ts])
+
+
+def adam_fused(
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor] | None, steps: list[Tensor], *,
+    lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, amsgrad: bool,
+    maximize: bool, decoupled_weight_decay: bool,
+) -> None:
+    """torch's fused single-pass Adam/AdamW kernel, per (device, dtype) bucket."""
+    kernel = tc.fused_adamw_ if decoupled_weight_decay else tc.fused_adam_
+    lists = [params, grads, exp_avgs, exp_avg_sqs, steps]
+    if amsgrad:
+        assert max_exp_avg_sqs is not None
+        lists.append(max_exp_avg_sqs)
+    for (device, _), (blists, _) in group_by_device_dtype(*lists).items():
+        ps, gs, ms, vs, ss = blists[:5]
+        vmax = blists[5] if amsgrad else []
+        if device.type == "cpu":
+            advance_steps(ss)
+            kernel_steps = ss  # the CPU kernel reads each counter on the host
+        else:
+            # The device kernel reads float32 counters on the device; ours stay on the CPU
+            # (torch's non-fused layout), so send this step's values over in one transfer.
+            ts = advance_steps(ss)
+            kernel_steps = list(torch.tensor(ts, dtype=torch.float32).to(device).unbind(0))
+        kernel(
+            ps, gs, ms, vs, vmax, kernel_steps, amsgrad=amsgrad, lr=lr, beta1=beta1,
+            beta2=beta2, weight_decay=weight_decay, eps=eps, maximize=maximize,
+            grad_scale=None, found_inf=None,
+        )

@@ -1,7 +1,210 @@
-"""Placeholder: being implemented (see the issue)."""
-from .._base import OptimizerBase
+r"""RAdam (rectified Adam): drop-in for ``torch.optim.RAdam``.
+
+The math, per parameter :math:`\theta` with gradient :math:`g_t` at its step :math:`t`::
+
+    g  <- -g                                   if maximize
+    theta <- theta * (1 - lr * weight_decay)   if decoupled_weight_decay
+    g  <- g + weight_decay * theta             otherwise (coupled L2 penalty)
+    m_t = beta1 * m_{t-1} + (1 - beta1) * g            first moment  (exp_avg)
+    v_t = beta2 * v_{t-1} + (1 - beta2) * g^2          second moment (exp_avg_sq)
+    m_hat = m_t / (1 - beta1^t)
+    rho_inf = 2 / (1 - beta2) - 1                      max length of the approximated SMA
+    rho_t = rho_inf - 2 t beta2^t / (1 - beta2^t)      its length at step t
+    if rho_t > 5:                                      variance is tractable: rectify
+        r_t = sqrt((rho_t - 4)(rho_t - 2) rho_inf / ((rho_inf - 4)(rho_inf - 2) rho_t))
+        l_t = sqrt(1 - beta2^t) / (sqrt(v_t) + eps)    adaptive learning rate
+        theta <- theta - lr * m_hat * r_t * l_t
+    else:                                              early steps: momentum SGD
+        theta <- theta - lr * m_hat
+
+``lr`` is in parameter units once rectified (each element moves by about ``lr * r_t`` per
+step), and in parameter units per gradient unit during the first, unrectified steps (about
+five with ``beta2=0.999``). ``eps`` is in gradient units.
+
+State, exactly as torch.optim stores it: ``step`` (a 0-dim CPU tensor of dtype
+``_torch_compat.scalar_dtype()``), ``exp_avg``, ``exp_avg_sq``. torch has no fused RAdam, so
+neither do we: the fast path is the multi-tensor one.
+
+Reference:
+    Liu et al., On the Variance of the Adaptive Learning Rate and Beyond,
+    https://arxiv.org/abs/1908.03265
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import _torch_compat as tc
+from .._base import PARAM_SHAPE, SCALAR, GroupWork, OptimizerBase, ParamsT
+from .._impl import group_by_device_dtype
+from .._validation import check_betas, check_bool, check_range
+from .adam import _as_tuple, advance_steps, normalize_steps
 
 
 class RAdam(OptimizerBase):
-    def __init__(self, params, **kwargs):
-        raise NotImplementedError("RAdam is not implemented yet")
+    r"""RAdam: Adam whose adaptive step is switched on only once its variance is tractable.
+
+    Args:
+        params: parameters or param groups to optimize.
+        lr: learning rate, ``lr >= 0``. Default ``1e-3``.
+        betas: ``(beta1, beta2)``, each in ``[0, 1)``. Default ``(0.9, 0.999)``.
+        eps: ``>= 0``, added to ``sqrt(v)`` (gradient units).
+        weight_decay: ``>= 0``; coupled L2 coefficient, or decoupled shrink rate per unit lr
+            when ``decoupled_weight_decay`` is set.
+        decoupled_weight_decay: apply weight decay to the parameter directly (AdamW-style).
+        foreach: ``True`` multi-tensor path, ``False`` per-tensor reference, ``None`` fastest.
+        maximize: ascend the objective instead of descending.
+        capturable: not supported (``True`` raises); present for signature compatibility.
+        differentiable: not supported (``True`` raises); present for signature compatibility.
+
+    Example:
+        >>> model = torch.nn.Linear(3, 1)
+        >>> opt = RAdam(model.parameters(), lr=1e-3, weight_decay=1e-2, decoupled_weight_decay=True)
+        >>> model(torch.randn(4, 3)).sum().backward(); opt.step()
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        decoupled_weight_decay: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+    ) -> None:
+        defaults = dict(
+            lr=lr, betas=_as_tuple(betas), eps=eps, weight_decay=weight_decay, maximize=maximize,
+            foreach=foreach, capturable=capturable,
+            decoupled_weight_decay=decoupled_weight_decay, differentiable=differentiable,
+        )
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        normalize_steps(self)
+
+    def _validate_group(self, g: dict[str, Any]) -> None:
+        n = type(self).__name__
+        check_range(n, "lr", g["lr"], 0.0)
+        check_betas(n, g["betas"])
+        check_range(n, "eps", g["eps"], 0.0)
+        check_range(n, "weight_decay", g["weight_decay"], 0.0)
+        check_bool(n, "decoupled_weight_decay", g["decoupled_weight_decay"])
+        check_bool(n, "maximize", g["maximize"])
+
+    def _init_state(self, group: dict[str, Any], p: Tensor, state: dict[str, Any]) -> None:
+        # torch.optim's non-capturable layout (a CPU counter), so checkpoints move both ways.
+        state["step"] = torch.tensor(0.0, dtype=tc.scalar_dtype())
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def _state_spec(self, group: dict[str, Any], p: Tensor) -> dict[str, Any]:
+        return {"step": SCALAR, "exp_avg": PARAM_SHAPE, "exp_avg_sq": PARAM_SHAPE}
+
+    def _update(self, work: GroupWork) -> None:
+        g = work.group
+        beta1, beta2 = (float(b) for b in g["betas"])
+        hp = dict(
+            lr=float(g["lr"]), beta1=beta1, beta2=beta2, eps=float(g["eps"]),
+            weight_decay=float(g["weight_decay"]), maximize=g["maximize"],
+            decoupled_weight_decay=g["decoupled_weight_decay"],
+        )
+        fn = {"reference": radam_reference, "foreach": radam_foreach}[work.impl]
+        fn(
+            work.params, work.grads,
+            [s["exp_avg"] for s in work.states], [s["exp_avg_sq"] for s in work.states],
+            [s["step"] for s in work.states], **hp,
+        )
+
+
+# ---------------------------------------------------------------------------------- math
+def _rectification(t: float, beta2: float) -> float | None:
+    """``r_t`` of the module docstring, or ``None`` while ``rho_t <= 5`` (not rectified)."""
+    rho_inf = 2 / (1 - beta2) - 1
+    rho_t = rho_inf - 2 * t * (beta2**t) / (1 - beta2**t)
+    if rho_t <= 5:
+        return None
+    return ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
+
+
+def radam_reference(
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor], steps: list[Tensor], *,
+    lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, maximize: bool,
+    decoupled_weight_decay: bool,
+) -> None:
+    """Per-tensor reference: the equations of the module docstring, one tensor at a time.
+
+    Parameters, moments and ``steps`` (0-dim counters) are updated in place.
+    """
+    for i, (p, g) in enumerate(zip(params, grads)):
+        m, v = exp_avgs[i], exp_avg_sqs[i]
+        steps[i].add_(1)
+        t = float(steps[i])
+        if maximize:
+            g = -g
+        if weight_decay != 0:
+            if decoupled_weight_decay:
+                p.mul_(1 - lr * weight_decay)  # theta <- theta (1 - lr lambda)
+            else:
+                g = g.add(p, alpha=weight_decay)  # g <- g + lambda theta
+        m.lerp_(g, 1 - beta1)  # m_t = beta1 m + (1 - beta1) g
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)  # v_t = beta2 v + (1 - beta2) g^2
+        bias_correction1 = 1 - beta1**t  # m_hat = m_t / bias_correction1
+        rect = _rectification(t, beta2)
+        if rect is None:
+            p.add_(m, alpha=-lr / bias_correction1)  # theta -= lr m_hat
+        else:
+            # theta -= lr m_hat r_t l_t, with l_t = sqrt(1 - beta2^t) / (sqrt(v_t) + eps)
+            denom = v.sqrt().add_(eps)
+            p.addcdiv_(m, denom, value=-lr * rect * (1 - beta2**t) ** 0.5 / bias_correction1)
+
+
+def radam_foreach(
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor], steps: list[Tensor], *,
+    lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, maximize: bool,
+    decoupled_weight_decay: bool,
+) -> None:
+    """Multi-tensor path: the same equations with ``torch._foreach_*`` per (device, dtype).
+
+    Within a bucket, counters can differ (a layer frozen for a while lags behind), so the
+    rectified and the unrectified tensors are updated as two sub-lists.
+    """
+    for blists, _ in group_by_device_dtype(params, grads, exp_avgs, exp_avg_sqs, steps).values():
+        ps, gs, ms, vs, ss = blists
+        ts = advance_steps(ss)
+        if maximize:
+            gs = tc.foreach_neg(gs)
+        if weight_decay != 0:
+            if decoupled_weight_decay:
+                tc.foreach_mul_(ps, 1 - lr * weight_decay)
+            elif maximize:
+                tc.foreach_add_(gs, ps, alpha=weight_decay)  # gs is already our own copy
+            else:
+                gs = tc.foreach_add(gs, ps, alpha=weight_decay)
+        tc.foreach_lerp_(ms, gs, 1 - beta1)
+        tc.foreach_mul_(vs, beta2)
+        tc.foreach_addcmul_(vs, gs, gs, 1 - beta2)
+        del gs
+        rects = [_rectification(t, beta2) for t in ts]
+        on = [j for j, r in enumerate(rects) if r is not None]
+        off = [j for j, r in enumerate(rects) if r is None]
+        if on:
+            denom = tc.foreach_sqrt([vs[j] for j in on])
+            tc.foreach_add_(denom, eps)
+            tc.foreach_addcdiv_(
+                [ps[j] for j in on], [ms[j] for j in on], denom,
+                [-lr * rects[j] * (1 - beta2 ** ts[j]) ** 0.5 / (1 - beta1 ** ts[j]) for j in on],
+            )
+        if off:
+            upd = tc.foreach_mul([ms[j] for j in off], [-lr / (1 - beta1 ** ts[j]) for j in off])
+            tc.foreach_add_([ps[j] for j in off], upd)
