@@ -1,0 +1,198 @@
+"""optimkit under torch.distributed: DDP, ZeroRedundancyOptimizer and FSDP2 on CPU/gloo, 2 ranks.
+
+One real 2-process job (``torch.multiprocessing`` spawn, gloo, MASTER_ADDR=127.0.0.1, a free
+port) runs every scenario for every optimizer (see tests/dist_workers.py); the tests compare
+what each rank ended with against a single-process run of the same model on the full batch.
+
+Tolerances (float32 throughout): parameters and Prodigy's d after 50 steps agree with the
+single-process run to ``rtol=1e-4, atol=1e-5`` (the ranks average two half-batch gradients
+where the single process takes one full-batch mean, so the sums round differently; after
+50 steps of adaptive updates that is ~1e-6 relative, see the docs). Across ranks the
+parameters and d must be bitwise identical. A resumed run must equal the uninterrupted run to
+float32 rounding (``rtol=1e-6, atol=1e-7``).
+
+The job has a hard wall-clock limit (``JOB_TIMEOUT_S``) and gloo collectives a 30 s timeout,
+so a rank stuck in a collective fails the tests instead of hanging CI.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+import dist_workers as dw
+
+if not torch.distributed.is_available():  # pragma: no cover - CPU wheels ship gloo
+    pytest.skip("torch.distributed is not available", allow_module_level=True)
+
+JOB_TIMEOUT_S = 180
+TOL = dict(rtol=1e-4, atol=1e-5)
+RESUME_TOL = dict(rtol=1e-6, atol=1e-7)
+
+NAMES = dw.case_names()
+PRODIGY = [n for n in NAMES if dw.is_prodigy(n)]
+
+
+def _subset(*want: str) -> list[str]:
+    """One case per kind of state, for the slower scenarios (checkpoints, missing grads)."""
+    picked = []
+    for cls_name, needs_momentum in want:
+        for n in NAMES:
+            cls, kw = dw.optimizer_spec(n)
+            if cls.__name__ == cls_name and bool(kw.get("momentum")) == needs_momentum:
+                picked.append(n)
+                break
+    return picked
+
+
+# momentum_buffer; sum; step + exp_avg + exp_avg_sq; Prodigy's global d, d_max, k, s, p0
+STATEFUL = _subset(("SGD", True), ("Adagrad", False), ("Adam", False), ("Prodigy", False))
+PLAN = [
+    ("ddp", NAMES),
+    ("zero", NAMES),
+    ("zero_noreduce", PRODIGY),
+    ("zero_ckpt", STATEFUL),
+    ("fsdp2", NAMES),
+    ("fsdp2_ckpt", STATEFUL),
+    # last: a failure here (a rank stuck in a collective) cannot disturb the others
+    ("zero_nograd", STATEFUL),
+]
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    """Run the whole plan once for the module: ([rank0, rank1] results, job error or None)."""
+    outdir = tmp_path_factory.mktemp("dist")
+    dw.save_digits(str(outdir / "digits.pt"))
+    results, error = dw.launch(PLAN, str(outdir), timeout=JOB_TIMEOUT_S)
+    return results, error, torch.load(outdir / "digits.pt", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def reference(job):
+    """Single-process run on the full batch, cached per (optimizer, dropped parameters)."""
+    data = job[2]
+
+    @functools.lru_cache(maxsize=None)
+    def run(name: str, drop: tuple[str, ...] = ()):
+        return dw.train_single(name, data, drop_names=drop,
+                               drop_steps=dw.NOGRAD_STEPS if drop else ())
+
+    return run
+
+
+def outcome(job, scenario: str, name: str) -> tuple[dict, dict]:
+    """Both ranks' results for one scenario and optimizer; skip placeholders, fail on errors."""
+    results, error = job[0], job[1]
+    rs = [r.get(scenario, {}).get(name) for r in results]
+    if any(r is None for r in rs):
+        pytest.fail(f"{scenario}/{name}: no result from rank(s) "
+                    f"{[i for i, r in enumerate(rs) if r is None]}; {error or 'job ended early'}")
+    for i, r in enumerate(rs):
+        if "error" in r:
+            pytest.fail(f"{scenario}/{name} failed on rank {i}:\n{r['error']}")
+    if any("skip" in r for r in rs):
+        pytest.skip(f"{name}: {rs[0].get('skip') or rs[1].get('skip')}")
+    return rs[0], rs[1]
+
+
+def assert_ranks_identical(r0: dict, r1: dict) -> None:
+    for k, p0 in r0["params"].items():
+        assert torch.equal(p0, r1["params"][k]), f"param {k} differs between ranks"
+    assert r0["d"] == r1["d"], f"Prodigy's d differs between ranks: {r0['d'][-3:]} vs {r1['d'][-3:]}"
+
+
+def assert_matches(got: dict, want: tuple[dict, list[float]], tol: dict, what: str) -> None:
+    want_params, want_d = want
+    assert set(got["params"]) == set(want_params)
+    for k, p in want_params.items():
+        torch.testing.assert_close(got["params"][k], p, **tol, msg=lambda m: f"{what}: param {k}: {m}")
+    assert len(got["d"]) == len(want_d), f"{what}: d recorded for {len(got['d'])} steps, want {len(want_d)}"
+    if want_d:
+        torch.testing.assert_close(torch.tensor(got["d"], dtype=torch.float64),
+                                   torch.tensor(want_d, dtype=torch.float64), **tol,
+                                   msg=lambda m: f"{what}: Prodigy's d per step: {m}")
+
+
+def assert_trained(params: dict) -> None:
+    init = dict(dw.DigitsMLP().named_parameters())
+    moved = [k for k, p in params.items() if not torch.equal(p, init[k].detach())]
+    assert moved, "no parameter changed in 50 steps: the comparison would be vacuous"
+
+
+# ----------------------------------------------------------------------------------- DDP
+@pytest.mark.parametrize("name", NAMES)
+def test_ddp_matches_single_process(job, reference, name):
+    r0, r1 = outcome(job, "ddp", name)
+    assert_ranks_identical(r0, r1)
+    assert_matches(r0, reference(name), TOL, f"DDP {name}")
+    assert_trained(r0["params"])
+
+
+# ---------------------------------------------------------------------------------- ZeRO
+@pytest.mark.parametrize("name", NAMES)
+def test_zero_matches_single_process(job, reference, name):
+    r0, r1 = outcome(job, "zero", name)
+    # the optimizer really was sharded: each rank steps a strict, disjoint part of the model
+    assert r0["total_numel"] == r1["total_numel"] == r0["local_numel"] + r1["local_numel"]
+    assert 0 < r0["local_numel"] < r0["total_numel"] and 0 < r1["local_numel"]
+    assert r0["state_numel"] <= r0["local_numel"] and r1["state_numel"] <= r1["local_numel"]
+    assert_ranks_identical(r0, r1)
+    assert_matches(r0, reference(name), TOL, f"ZeRO {name}")
+    if dw.is_prodigy(name):
+        assert len(r0["d"]) == dw.STEPS and r0["d"][-1] > r0["d"][0], "d never grew"
+
+
+@pytest.mark.parametrize("name", PRODIGY)
+def test_zero_prodigy_without_reduction_disagrees(job, name):
+    """Control for the test above: without fsdp_in_use each rank estimates d from its own
+    shard only, and the ranks' d differ. So the agreement above is the all-reduce's doing."""
+    r0, r1 = outcome(job, "zero_noreduce", name)
+    assert r0["d"] and r0["d"] != r1["d"], "per-shard d estimates should differ between ranks"
+
+
+@pytest.mark.parametrize("name", STATEFUL)
+def test_zero_checkpoint_resume_equals_uninterrupted(job, name):
+    full = outcome(job, "zero", name)[0]
+    r0, r1 = outcome(job, "zero_ckpt", name)
+    assert_ranks_identical(r0, r1)
+    assert_matches(r0, (full["params"], full["d"]), RESUME_TOL, f"ZeRO {name} resumed")
+
+
+@pytest.mark.parametrize("name", STATEFUL)
+def test_rank_without_grads_does_not_hang(job, reference, name):
+    """Every parameter rank 1 owns under ZeRO gets no gradient for a few steps: rank 1's local
+    optimizer has nothing to update but must still join any collective (Prodigy's d
+    reduction); a rank that skips it leaves the other stuck, and the gloo timeout or the
+    job's hard timeout turns that into a failure here."""
+    r0, r1 = outcome(job, "zero_nograd", name)
+    dropped = tuple(r0["dropped"])
+    assert dropped and set(dropped) != set(r0["params"]), "rank 1 should own a strict subset"
+    assert_ranks_identical(r0, r1)
+    assert_matches(r0, reference(name, dropped), TOL, f"ZeRO {name} with rank 1 gradient-free")
+
+
+# --------------------------------------------------------------------------------- FSDP2
+@pytest.mark.parametrize("name", NAMES)
+def test_fsdp2_matches_single_process(job, reference, name):
+    r0, r1 = outcome(job, "fsdp2", name)
+    # DTensor shards: each rank holds about half of every parameter (rank 1 none of `gain`)
+    assert r0["local_numel"] + r1["local_numel"] == sum(p.numel() for p in r0["params"].values())
+    assert r1["local_numel"] < r0["local_numel"]
+    assert_ranks_identical(r0, r1)
+    assert_matches(r0, reference(name), TOL, f"FSDP2 {name}")
+
+
+@pytest.mark.parametrize("name", STATEFUL)
+def test_fsdp2_dcp_checkpoint_resume_equals_uninterrupted(job, name):
+    full = outcome(job, "fsdp2", name)[0]
+    r0, r1 = outcome(job, "fsdp2_ckpt", name)
+    assert_ranks_identical(r0, r1)
+    assert_matches(r0, (full["params"], full["d"]), RESUME_TOL, f"FSDP2 {name} resumed")
+
+
+def test_job_finished_cleanly(job):
+    """The job itself (spawn, init, teardown) finished within its limit without a crash."""
+    assert job[1] is None, job[1]
