@@ -39,7 +39,7 @@ from torch import Tensor
 
 from .. import _torch_compat as tc
 from .._base import PARAM_SHAPE, SCALAR, GroupWork, OptimizerBase, ParamsT
-from .._impl import group_by_device_dtype
+from .._impl import check_impl_flags, group_by_device_dtype
 from .._validation import check_betas, check_bool, check_range
 from .adam import _as_tuple, advance_steps, normalize_steps
 
@@ -59,6 +59,7 @@ class RAdam(OptimizerBase):
         maximize: ascend the objective instead of descending.
         capturable: not supported (``True`` raises); present for signature compatibility.
         differentiable: not supported (``True`` raises); present for signature compatibility.
+        fused: ``True`` raises (there is no fused RAdam kernel, in torch or here).
 
     Example:
         >>> model = torch.nn.Linear(3, 1)
@@ -79,7 +80,12 @@ class RAdam(OptimizerBase):
         maximize: bool = False,
         capturable: bool = False,
         differentiable: bool = False,
+        fused: bool | None = None,
     ) -> None:
+        # torch.optim.RAdam has no fused kernel and no ``fused`` keyword; we take the keyword
+        # only to refuse True with a clear message, and keep it out of the param groups so
+        # their keys stay torch's.
+        check_impl_flags(type(self).__name__, foreach, fused, self._has_fused)
         defaults = dict(
             lr=lr, betas=_as_tuple(betas), eps=eps, weight_decay=weight_decay, maximize=maximize,
             foreach=foreach, capturable=capturable,
