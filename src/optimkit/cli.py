@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rosenbrock beale saddle quadratic (default: all)")
     t.add_argument("--steps", type=int, default=None, help="steps per path (default: per function)")
     t.add_argument("--out", default="optimkit-trajectories.png", help="PNG file to write")
+    t.add_argument("--no-tune", action="store_true",
+                   help="use the default lrs instead of picking each lr-tuned optimizer's lr per function")
 
     sub.add_parser("list", help="list the registered optimizers and the built-in tasks")
 
@@ -265,7 +267,8 @@ def _trajectories(args: argparse.Namespace) -> int:
         raise UsageError(f"unknown function {unknown[0]!r}; choose from {', '.join(FUNCTIONS)}")
     if args.steps is not None and args.steps < 1:
         raise UsageError(f"invalid --steps {args.steps}; expected >= 1")
-    path = draw_trajectories(args.out, optimizers=_split_list(args.optimizers), functions=funcs, steps=args.steps)
+    path = draw_trajectories(args.out, optimizers=_split_list(args.optimizers), functions=funcs, steps=args.steps,
+                              tune=not args.no_tune)
     print(f"wrote {path}")
     return 0
 

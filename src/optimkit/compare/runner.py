@@ -81,7 +81,10 @@ def parse_optimizer_choice(text: str) -> OptimizerChoice:
     if sep and not arg_text.strip():
         raise ValueError(f"invalid optimizer spec {text!r}: nothing after ':'")
     cls, spec, lookahead = resolve_optimizer(name)
-    args = parse_optimizer_args(arg_text) if sep else {}
+    try:
+        args = parse_optimizer_args(arg_text) if sep else {}
+    except ValueError as e:
+        raise ValueError(f"optimizer spec {text!r}: {e}") from None
     lr = args.pop("lr", None)
     if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0):
         raise ValueError(f"invalid lr={lr!r} in optimizer spec {text!r}; expected a number > 0")
