@@ -407,7 +407,7 @@ theta <- theta - lr * delta""",
             _lr(1.0, "Multiplier on the estimated step size d (the applied step is d*lr); keep "
                      "1.0, lower (0.5) only to damp, and use it for schedules."),
             _betas(),
-            HyperParam("beta3", None, "None or 0 <= beta3 <= 1",
+            HyperParam("beta3", None, "None or 0 <= beta3 < 1",
                        "EMA decay of the d-estimate statistics r and s; None means sqrt(beta2); "
                        "larger remembers the trajectory longer."),
             _eps(1e-8, "added to sqrt(v) (scaled by d) in the denominator"),
@@ -433,10 +433,21 @@ theta <- theta - lr * delta""",
                        "Cap on d's growth per step (d <= d * growth_rate); e.g. 1.02 gives a "
                        "smooth warm-up, inf leaves d unrestricted."),
             HyperParam("fsdp_in_use", False, "True or False",
-                       "Accepted for prodigyopt compatibility (sharded-parameter statistics)."),
+                       "Parameters are sharded across ranks: all-reduce the two sums of the d "
+                       "update (detected automatically for FSDP/DTensor parameters)."),
             HyperParam("slice_p", 1, "integer >= 1",
                        "Compute the d statistics on every slice_p-th element only; saves memory "
                        "for s and x0 (~1/slice_p) at the cost of an approximate d."),
+            HyperParam("strict_growth", False, "True or False",
+                       "Also bound the first jump away from d0 by growth_rate (prodigyopt does "
+                       "not); True gives a gentler start when growth_rate is finite."),
+            HyperParam("nonfinite", "raise", "'raise' or 'skip'",
+                       "On a NaN/inf gradient statistic: raise naming the parameter, or skip the "
+                       "step with a warning; either way nothing is changed."),
+            HyperParam("stochastic_rounding", False, "True or False",
+                       "Round float16/bfloat16 parameters stochastically (unbiased) when writing "
+                       "the float32 result back; no effect on float32/64."),
+            _foreach(),
         ),
         when_to_use=("When you do not want to tune a learning rate: fine-tuning (LoRA, diffusion "
                      "models), new architectures, quick baselines; matches tuned Adam often."),
@@ -447,9 +458,10 @@ v <- beta2 * v + (1 - beta2) * d^2 * g^2
 r <- beta3 * r + (d / d0) * dlr * <g, x0 - x>            (summed over all parameters)
 s <- beta3 * s + (d / d0) * dlr * g                      (d instead of dlr if safeguard_warmup)
 d_hat = d_coef * r / ||s||_1
-d_max <- max(d_max, d_hat) ;  d <- min(d_max, d * growth_rate)
+d <- max(d, d_hat)                                       (only while d == d0: first jump)
+d_max <- max(d_max, d_hat) ;  d' = min(d_max, d * growth_rate)
 theta <- theta * (1 - weight_decay * dlr)                (decouple=True)
-theta <- theta - dlr * m / (sqrt(v) + d * eps)""",
+theta <- theta - dlr * m / (sqrt(v) + d' * eps)""",
         tuning=("Keep lr=1.0. Tune d_coef (0.5 = more careful, 2 = more aggressive). With a "
                 "schedule use cosine annealing on lr and safeguard_warmup=True for warm-up; "
                 "use_bias_correction=True is common for diffusion fine-tuning."),
