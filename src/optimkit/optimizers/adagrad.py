@@ -110,7 +110,10 @@ class Adagrad(OptimizerBase):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        _steps_to_tensors(self.state.values())
+        for st in self.state.values():
+            # Very old checkpoints stored ``step`` as a Python number.
+            if "step" in st and not isinstance(st["step"], Tensor):
+                st["step"] = torch.tensor(float(st["step"]), dtype=tc.scalar_dtype())
 
     def _gather(self, gi: int, group: dict[str, Any]) -> GroupWork:
         work = super()._gather(gi, group)
@@ -151,13 +154,6 @@ def _pick(idx: list[int], *lists: list[Tensor]) -> list[list[Tensor]]:
     return [[lst[i] for i in idx] for lst in lists]
 
 
-def _steps_to_tensors(states: Any) -> None:
-    # Very old checkpoints stored ``step`` as a Python number.
-    for st in states:
-        if "step" in st and not isinstance(st["step"], Tensor):
-            st["step"] = torch.tensor(float(st["step"]), dtype=tc.scalar_dtype())
-
-
 def _increment(steps: list[Tensor]) -> None:
     """t <- t + 1 for a list of 0-dim step tensors."""
     if steps[0].is_cpu:
@@ -182,7 +178,9 @@ def adagrad_reference(
             g = -g
         if weight_decay != 0:
             if g.is_sparse:
-                raise RuntimeError("Adagrad: weight_decay != 0 is not compatible with sparse gradients")
+                raise RuntimeError(
+                    "Adagrad: weight_decay != 0 is not compatible with sparse gradients"
+                )
             g = g.add(p, alpha=weight_decay)  # g + wd * theta
         clr = lr / (1 + (step.item() - 1) * lr_decay)  # lr / (1 + (t - 1) * lr_decay)
         if g.is_sparse:
@@ -225,7 +223,8 @@ def adagrad_fused(
     lr: float, lr_decay: float, weight_decay: float, eps: float, maximize: bool,
 ) -> None:
     """torch's fused single-pass Adagrad kernel (dense gradients), per (device, dtype) bucket."""
-    for (device, _), ((ps, gs, ss, ts), _) in group_by_device_dtype(params, grads, sums, steps).items():
+    buckets = group_by_device_dtype(params, grads, sums, steps)
+    for (device, _), ((ps, gs, ss, ts), _) in buckets.items():
         _increment(ts)  # the kernel reads t, it does not advance it
         if ts and ts[0].device != device:
             # Steps live on the CPU (as in torch's non-fused Adagrad); one copy per bucket.
