@@ -1,0 +1,139 @@
+"""optimkit recommend / explain: rules reference the registry, advice is buildable and right."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from optimkit.cli import main
+from optimkit.compare import BUILTIN_TASKS
+from optimkit.factory import REGISTRY, create_optimizer, get_spec
+from optimkit.guide.explain import default_text, render_index, render_markdown, render_text
+from optimkit.guide.recommend import Traits, recommend, render_recommendations, spec_string
+from optimkit.guide.rules import CORRECTIONS, RULES, TRAITS
+
+
+def test_rules_reference_registry_names_and_documented_hyperparams():
+    for rule in RULES:
+        spec = get_spec(rule.optimizer)
+        assert spec.name == rule.optimizer, f"use the canonical name, not {rule.optimizer!r}"
+        documented = {hp.name for hp in spec.hyperparams}
+        assert set(rule.hyperparams) <= documented, (rule.optimizer, set(rule.hyperparams) - documented)
+        for key, value in rule.when.items():
+            assert key in TRAITS and value in TRAITS[key], rule
+        if rule.evidence is not None:
+            assert rule.evidence in BUILTIN_TASKS, rule.evidence
+    assert set(CORRECTIONS) <= set(REGISTRY)
+
+
+ALL_TRAITS = [
+    Traits(model=m, sparse=s, data_size=d, memory_tight=mt, no_tuning=nt, fine_tune=ft)
+    for m, s, d, mt, nt, ft in itertools.product(
+        (None, "cnn", "transformer", "rnn", "gan", "linear", "mlp"), (False, True), (None, "small", "large"),
+        (False, True), (False, True), (False, True))
+]
+
+
+def test_every_recommendation_builds():
+    """Each recommended starting point is a valid constructor call (checked by the optimizer)."""
+    seen = set()
+    for traits in ALL_TRAITS:
+        recs = recommend(traits, top=3)
+        assert recs, traits
+        assert [r.score for r in recs] == sorted((r.score for r in recs), reverse=True)
+        for r in recs:
+            key = (r.optimizer, tuple(sorted(r.hyperparams.items())))
+            if key in seen:
+                continue
+            seen.add(key)
+            create_optimizer(r.optimizer, [torch.nn.Parameter(torch.zeros(3))], optimizer_args=dict(r.hyperparams))
+            # and the printed spec string parses back to the same arguments
+            from optimkit.compare import parse_optimizer_choice
+
+            choice = parse_optimizer_choice(spec_string(r.optimizer, r.hyperparams))
+            assert choice.args == {k: v for k, v in r.hyperparams.items() if k != "lr"}
+            assert choice.lr == pytest.approx(r.hyperparams["lr"])
+
+
+def test_recommendations_follow_the_traits():
+    top = recommend(Traits(sparse=True))[0]
+    assert top.optimizer == "adagrad" and "docbow" in top.evidence
+    assert recommend(Traits(model="transformer"))[0].optimizer == "adamw"
+    nt = recommend(Traits(no_tuning=True))[0]
+    assert nt.optimizer == "prodigy" and nt.hyperparams["lr"] == 1.0
+    mem = recommend(Traits(memory_tight=True))[0]
+    assert get_spec(mem.optimizer).state_buffers <= 1
+    gan = next(r for r in recommend(Traits(model="gan")) if r.optimizer == "adam")
+    assert gan.hyperparams["betas"] == (0.5, 0.999)
+    cnn = recommend(Traits(model="cnn"))[0]
+    assert cnn.optimizer in ("nesterov", "momentum") and cnn.hyperparams["lr"] == 0.1
+
+
+def test_corrections_popular_guides_get_wrong():
+    prodigy = CORRECTIONS["prodigy"]
+    assert "lr=1.0" in prodigy and "d_coef" in prodigy and "LARGER d_coef" in prodigy and "more aggressive" in prodigy
+    assert "decoupled" in CORRECTIONS["adamw"] and "L2" in CORRECTIONS["adamw"]
+    assert "default 1.0" in CORRECTIONS["adadelta"]
+    # every Prodigy rule keeps lr at 1.0
+    assert all(r.hyperparams.get("lr", 1.0) == 1.0 for r in RULES if r.optimizer == "prodigy")
+
+
+def test_recommend_cli_text(capsys):
+    assert main(["recommend", "--no-tuning", "--model", "linear", "--top", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Recommendations for: model=linear, no-tuning")
+    assert "1. prodigy" in out and "3. " not in out
+    assert "backed by optimkit compare task(s): logreg" in out
+    assert "LARGER d_coef" in out
+    assert "Avoid here:" in out
+
+
+def test_recommend_cli_json(capsys):
+    import json
+
+    assert main(["recommend", "--sparse", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data[0]["optimizer"] == "adagrad" and data[0]["spec"].startswith("adagrad:lr=")
+
+
+def test_recommend_render_mentions_memory():
+    recs = recommend(Traits(memory_tight=True))
+    text = render_recommendations(Traits(memory_tight=True), recs)
+    assert f"{4 * get_spec(recs[0].optimizer).state_buffers} bytes/param" in text
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_explain_lists_every_hyperparam(name, capsys):
+    spec = REGISTRY[name]
+    assert main(["explain", name]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{name}: {spec.description}")
+    for hp in spec.hyperparams:
+        assert f"  {hp.name} = {default_text(hp.default)}    valid: {hp.valid}" in out
+    assert spec.update_rule.splitlines()[0] in out
+    md = render_markdown(spec)
+    for hp in spec.hyperparams:
+        assert f"| `{hp.name}` |" in md
+    assert render_text(spec) == out
+
+
+def test_explain_alias_and_unknown(capsys):
+    assert main(["explain", "NAG"]) == 0
+    assert capsys.readouterr().out.startswith("nesterov:")
+    assert main(["explain", "adamz"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "unknown optimizer 'adamz'" in err
+
+
+def test_explain_adadelta_has_an_lr(capsys):
+    main(["explain", "adadelta"])
+    out = capsys.readouterr().out
+    assert "  lr = 1    valid:" in out and "it has one (lr, default 1.0)" in out
+
+
+def test_index_lists_every_optimizer():
+    idx = render_index()
+    for name in REGISTRY:
+        assert f"[{name}]({name}.md)" in idx
