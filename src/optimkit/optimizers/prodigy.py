@@ -271,7 +271,7 @@ class Prodigy(OptimizerBase):
         # Full copy for now; replaced by a 0-dim zero after the step's one host sync if the
         # parameter turns out to be all zeros (prodigyopt's memory saving, decided without
         # a sync of its own).
-        state["p0"] = sliced.to(dtype=dt, copy=True)
+        state["p0"] = torch.empty(sliced.shape, dtype=dt, device=pl.device).copy_(sliced)
         if self.param_groups[0]["betas"][0] > 0:
             state["exp_avg"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
         state["exp_avg_sq"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
@@ -505,8 +505,9 @@ def prodigy_stats_foreach(
         sn = tc.foreach_mul(ss, beta3)
         tc.foreach_add_(sn, g_sl, alpha=c_s)
         l1_by.append(torch.stack([t.sum() for t in tc.foreach_abs(sn)]).to(dev, acc))
-        if slice_p > 1:  # entries outside the slice: max |g| is NaN/inf iff one of them is
-            chk = chk + torch.stack(tc.foreach_norm(gs, ord=math.inf)).to(dev, acc).sum()
+        nonempty = [g for g in gs if g.numel()]  # the inf-norm of an empty tensor is an error
+        if slice_p > 1 and nonempty:  # entries outside the slice: max |g| is NaN/inf iff one is
+            chk = chk + torch.stack(tc.foreach_norm(nonempty, ord=math.inf)).to(dev, acc).sum()
         order.extend(idx)
         for j, i in enumerate(idx):
             s_new[i] = sn[j]

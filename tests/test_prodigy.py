@@ -1,0 +1,652 @@
+"""optimkit.Prodigy against prodigyopt 1.1.2 (the oracle), and what we do beyond it.
+
+The parity runs train a small MLP with a LoRA-style adapter (one factor zero-initialised, so
+prodigyopt stores its ``p0`` as a 0-dim zero) and a 0-dim scalar on scikit-learn's bundled
+handwritten digits in float64, 300 steps, three param groups in some rows (one with lr=0), a
+parameter that loses its gradient for a step, and an lr warmup schedule in some rows. The
+rows are a covering design over the hyperparameters (listed at ``ROWS``), not a product.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import warnings
+from functools import lru_cache
+from typing import Any
+
+import prodigyopt
+import pytest
+import torch
+
+import optimkit
+from optimkit.optimizers.prodigy import NonFiniteStepError
+
+STEPS = 300
+DROP_GRAD_STEP = 100  # w2 gets no gradient at this step
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # The machine is shared; one thread keeps these runs fast and deterministic.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@lru_cache(maxsize=None)
+def _digits() -> tuple[torch.Tensor, torch.Tensor]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return torch.tensor(d.data, dtype=torch.float64) / 16.0, torch.tensor(d.target)
+
+
+class Net(torch.nn.Module):
+    def __init__(self, dtype: torch.dtype = torch.float64) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+
+        def r(*shape: int) -> torch.nn.Parameter:
+            return torch.nn.Parameter((torch.randn(*shape, generator=g, dtype=torch.float64) * 0.3).to(dtype))
+
+        self.w1, self.b1, self.w2, self.b2 = r(16, 64), r(16), r(10, 16), r(10)
+        self.lora_a = r(2, 64)
+        self.lora_b = torch.nn.Parameter(torch.zeros(16, 2, dtype=dtype))  # LoRA "up": zeros
+        self.scale = torch.nn.Parameter(torch.tensor(0.5, dtype=dtype))  # 0-dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.w1.dtype)
+        h = torch.tanh(x @ self.w1.T + self.b1 + (x @ self.lora_a.T) @ self.lora_b.T)
+        return ((h @ self.w2.T + self.b2) * (1 + self.scale)).double()
+
+    def groups(self, layout: str, second: dict[str, Any]) -> list[dict[str, Any]]:
+        first = [self.w1, self.b1, self.lora_a, self.lora_b, self.scale]
+        if layout == "two":
+            return [{"params": first}, {"params": [self.w2, self.b2], **second}]
+        # three groups, the last frozen with lr=0
+        return [{"params": first}, {"params": [self.w2], **second},
+                {"params": [self.b2], "lr": 0.0, "weight_decay": 0.0}]
+
+
+def train(make_opt, steps: int = STEPS, *, layout: str = "two", second: dict | None = None,
+          warmup: bool = False, net: Net | None = None, opt=None, start: int = 0,
+          dtype: torch.dtype = torch.float64):
+    x, y = _digits()
+    net = net if net is not None else Net(dtype)
+    opt = opt if opt is not None else make_opt(net.groups(layout, second or {}))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: min(1.0, (t + 1) / 50)) if warmup else None
+    g = torch.Generator().manual_seed(1)
+    for t in range(start + steps):
+        idx = torch.randint(0, x.shape[0], (128,), generator=g)
+        if t < start:
+            continue
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(net(x[idx]), y[idx]).backward()
+        if t == DROP_GRAD_STEP:
+            net.w2.grad = None
+        opt.step()
+        if sched is not None:
+            sched.step()
+    return net, opt
+
+
+def ref_opt(groups, **kw):
+    with warnings.catch_warnings(), _quiet():
+        return prodigyopt.Prodigy(groups, **kw)
+
+
+class _quiet:
+    """prodigyopt prints from its constructor; keep test output clean."""
+
+    def __enter__(self):
+        import contextlib
+        import os
+
+        self._cm = contextlib.redirect_stdout(open(os.devnull, "w"))
+        self._cm.__enter__()
+
+    def __exit__(self, *exc):
+        self._cm.__exit__(*exc)
+
+
+def assert_same(net_a, opt_a, net_b, opt_b, *, rtol=1e-10, atol=1e-12, what=""):
+    for (name, pa), pb in zip(net_a.named_parameters(), net_b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=rtol, atol=atol, msg=lambda m: f"{what} param {name}: {m}")
+        sa, sb = opt_a.state.get(pa, {}), opt_b.state.get(pb, {})
+        assert set(sa) == set(sb), f"{what} state keys of {name}: {sorted(sa)} vs {sorted(sb)}"
+        for k in sa:
+            if isinstance(sa[k], torch.Tensor):
+                assert sa[k].shape == sb[k].shape, f"{what} state {name}[{k}] shape"
+                torch.testing.assert_close(sa[k], sb[k], rtol=rtol, atol=atol,
+                                           msg=lambda m: f"{what} state {name}[{k}]: {m}")
+            else:
+                assert sa[k] == sb[k], f"{what} state {name}[{k}]: {sa[k]} != {sb[k]}"
+    for ga, gb in zip(opt_a.param_groups, opt_b.param_groups):
+        for key in ("d", "d_max", "d_numerator", "d_hat", "d_denom"):
+            assert float(ga[key]) == pytest.approx(float(gb[key]), rel=rtol, abs=1e-300), f"{what} {key}"
+        assert ga["k"] == gb["k"], what
+
+
+def snapshot(net, opt) -> Any:
+    return (copy.deepcopy([p.detach() for p in net.parameters()]),
+            copy.deepcopy({i: dict(opt.state[p]) for i, p in enumerate(net.parameters()) if p in opt.state}),
+            copy.deepcopy([{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]))
+
+
+def assert_bitwise(a: Any, b: Any, path: str = "") -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, path
+        assert torch.equal(a.reshape(-1).contiguous().view(torch.uint8),
+                           b.reshape(-1).contiguous().view(torch.uint8)), path
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            assert_bitwise(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_bitwise(x, y, f"{path}[{i}]")
+    else:
+        assert a == b or (a != a and b != b), f"{path}: {a!r} != {b!r}"
+
+
+def roundtrip(sd):
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+# ------------------------------------------------------------------------------- parity
+#: A covering design: every level of every factor appears, and the pairs that interact
+#: (weight_decay x decouple, beta1 x coupled decay, slice_p x safeguard_warmup, growth_rate x
+#: d_coef) appear together. Each row: (prodigyopt kwargs, layout, second group, lr warmup).
+ROWS = [
+    (dict(), "two", {}, False),
+    (dict(weight_decay=0.01, use_bias_correction=True, slice_p=3, d_coef=2.0), "two",
+     {"weight_decay": 0.0}, False),
+    (dict(weight_decay=0.01, decouple=False, safeguard_warmup=True, slice_p=11, betas=(0.0, 0.999),
+          growth_rate=1.02), "two", {"weight_decay": 0.001}, True),
+    (dict(betas=(0.0, 0.99), d_coef=0.5, growth_rate=1.02, d0=1e-4, weight_decay=0.05,
+          use_bias_correction=True), "two", {}, False),
+    (dict(decouple=False, weight_decay=1e-3, slice_p=3, d_coef=0.5, d0=1e-5, beta3=0.9), "frozen",
+     {"eps": 1e-6, "safeguard_warmup": True}, False),
+    (dict(slice_p=11, growth_rate=1.02, use_bias_correction=True, weight_decay=0.02), "frozen",
+     {}, True),
+    (dict(betas=(0.0, 0.999), d_coef=2.0, safeguard_warmup=True, decouple=False, weight_decay=0.01,
+          d0=1e-7), "two", {"weight_decay": 0.0}, False),
+]
+
+
+@pytest.mark.parametrize("row", range(len(ROWS)))
+def test_parity_with_prodigyopt_300_steps(row):
+    kw, layout, second, warmup = ROWS[row]
+    run = dict(layout=layout, second=second, warmup=warmup)
+    net_ref, opt_ref = train(lambda g: ref_opt(g, **kw), **run)
+    assert opt_ref.param_groups[0]["d"] > 10 * kw.get("d0", 1e-6)  # d adapted: not vacuous
+    for impl in (dict(foreach=True), dict(foreach=False)):
+        net, opt = train(lambda g: optimkit.Prodigy(g, **kw, **impl), **run)
+        assert_same(net, opt, net_ref, opt_ref, what=str(impl))
+        assert opt.state[net.lora_b]["p0"].dim() == 0  # prodigyopt's zero-parameter p0
+
+
+def test_growth_rate_first_jump_is_prodigyopt_by_default_and_bounded_when_strict():
+    # prodigyopt lets d jump straight from d0 to d_hat; strict_growth bounds every step.
+    kw = dict(growth_rate=1.05, d0=1e-6)
+    _, ref = train(lambda g: ref_opt(g, **kw), 12)
+    _, ours = train(lambda g: optimkit.Prodigy(g, **kw), 12)
+    assert ours.param_groups[0]["d"] == ref.param_groups[0]["d"]
+    assert ours.param_groups[0]["d"] > 1e-6 * 1.05 ** 12  # the unbounded first jump
+
+    ds = []
+    net, opt = Net(), None
+    for t in range(12):
+        net, opt = train(lambda g: optimkit.Prodigy(g, strict_growth=True, **kw), 1, net=net,
+                         opt=opt, start=t)
+        ds.append(opt.param_groups[0]["d"])
+    prev = 1e-6
+    for d in ds:
+        assert prev <= d <= prev * 1.05 * (1 + 1e-12)
+        prev = d
+    assert ds[-1] > 1e-6  # it did grow
+
+
+# ---------------------------------------------------------------------------- state_dict
+@pytest.mark.parametrize("kw", [dict(weight_decay=0.01, slice_p=3), dict(betas=(0.0, 0.999))])
+def test_prodigyopt_state_dict_loads_and_continues_identically(kw):
+    net_ref, opt_ref = train(lambda g: ref_opt(g, **kw), 40)
+    net = Net()
+    net.load_state_dict(net_ref.state_dict())
+    opt = optimkit.Prodigy(net.groups("two", {}), **kw)
+    opt.load_state_dict(roundtrip(opt_ref.state_dict()))
+    assert opt.param_groups[0]["d"] == opt_ref.param_groups[0]["d"]
+    train(None, 40, net=net, opt=opt, start=40)
+    train(None, 40, net=net_ref, opt=opt_ref, start=40)
+    assert_same(net, opt, net_ref, opt_ref)
+
+
+def test_our_state_dict_loads_into_prodigyopt_and_continues_identically():
+    kw = dict(weight_decay=0.01, use_bias_correction=True)
+    net, opt = train(lambda g: optimkit.Prodigy(g, **kw), 40)
+    net_ref = Net()
+    net_ref.load_state_dict(net.state_dict())
+    opt_ref = ref_opt(net_ref.groups("two", {}), **kw)
+    opt_ref.load_state_dict(roundtrip(opt.state_dict()))
+    train(None, 40, net=net, opt=opt, start=40)
+    train(None, 40, net=net_ref, opt=opt_ref, start=40)
+    assert_same(net, opt, net_ref, opt_ref)
+
+
+def test_state_dict_roundtrip_and_keys():
+    net, opt = train(lambda g: optimkit.Prodigy(g), 5)
+    sd = roundtrip(opt.state_dict())
+    for key in ("d", "d0", "d_max", "d_numerator", "d_hat", "d_denom", "k", "effective_lr",
+                "skipped_steps", "betas", "beta3", "slice_p", "growth_rate", "fsdp_in_use"):
+        assert key in sd["param_groups"][0], key
+    assert set(sd["state"][0]) == {"step", "s", "p0", "exp_avg", "exp_avg_sq"}
+    net2 = Net()
+    net2.load_state_dict(net.state_dict())
+    opt2 = optimkit.Prodigy(net2.groups("two", {}))
+    opt2.load_state_dict(sd)
+    train(None, 5, net=net, opt=opt, start=5)
+    train(None, 5, net=net2, opt=opt2, start=5)
+    assert_same(net, opt, net2, opt2, rtol=0, atol=0)
+
+
+def test_malformed_state_dict_is_rejected_before_loading():
+    _, opt = train(lambda g: optimkit.Prodigy(g), 2)
+    sd = copy.deepcopy(opt.state_dict())
+    sd["state"][0]["s"] = torch.zeros(3, dtype=torch.float64)
+    fresh = optimkit.Prodigy(Net().groups("two", {}))
+    with pytest.raises(ValueError, match="'s'"):
+        fresh.load_state_dict(sd)
+    assert len(fresh.state) == 0
+
+
+# ---------------------------------------------------------------------- implementations
+def _tiny(dtype=torch.float64, seed=0, zero=False):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(7, 5), (5,), (), (0, 3), (11,)]
+    ps = [torch.nn.Parameter((torch.randn(s, generator=g, dtype=torch.float64)).to(dtype)) for s in shapes]
+    if zero:
+        ps[-1].data.zero_()
+    return ps
+
+
+def _grads(ps, t, nan_at=None):
+    g = torch.Generator().manual_seed(100 + t)
+    for i, p in enumerate(ps):
+        # a gradient pulling towards 1 plus noise: d has something to estimate
+        p.grad = ((p.detach().double() - 1.0) + 0.1 * torch.randn(p.shape, generator=g,
+                                                                   dtype=torch.float64)).to(p.dtype)
+        if nan_at is not None and nan_at[0] == i:
+            p.grad.view(-1)[nan_at[1]] = nan_at[2]
+
+
+@pytest.mark.parametrize("kw", [
+    dict(),
+    dict(betas=(0.0, 0.999), weight_decay=0.1, decouple=False, slice_p=3, use_bias_correction=True),
+    dict(weight_decay=0.1, safeguard_warmup=True, slice_p=2, growth_rate=1.1),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reference_and_foreach_agree(kw, dtype):
+    runs = []
+    if dtype == torch.bfloat16:  # d0's first steps are below bf16 resolution (see below)
+        kw = {**kw, "stochastic_rounding": True}
+    for foreach in (False, True):
+        torch.manual_seed(0)  # both paths draw the rounding noise in the same order
+        ps = _tiny(dtype, zero=True)
+        opt = optimkit.Prodigy(ps, foreach=foreach, **kw)
+        for t in range(30):
+            _grads(ps, t)
+            opt.step()
+        runs.append((ps, opt))
+    (pa, oa), (pb, ob) = runs
+    assert oa.param_groups[0]["d"] == pytest.approx(ob.param_groups[0]["d"], rel=1e-6)
+    assert oa.param_groups[0]["d"] > 2e-6  # d moved away from d0: not vacuous
+    # Not bitwise in float32: BLAS sums a strided and a contiguous dot in different orders,
+    # and beta1=0 (sign-like steps) amplifies that over 30 steps to ~3e-5 relative.
+    for a, b in zip(pa, pb):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        for k, v in oa.state[a].items():
+            if isinstance(v, torch.Tensor):
+                torch.testing.assert_close(v, ob.state[b][k], rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------ host syncs
+_SYNC_METHODS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__", "numpy")
+
+
+def _count_syncs(monkeypatch) -> dict[str, int]:
+    """Count every way a tensor's value reaches Python.
+
+    On CPU there is no device queue to watch (torch.cuda.set_sync_debug_mode needs CUDA), but
+    a host sync is exactly a tensor-to-Python conversion: ``.item()``, ``.tolist()``,
+    ``float()``/``int()``/``bool()``/``__index__``, ``.numpy()``, or the comparison functions that
+    return a Python bool. Each is wrapped to count calls; on CUDA each of these would block.
+    """
+    n = {"n": 0}
+    for name in _SYNC_METHODS:
+        orig = getattr(torch.Tensor, name)
+
+        def wrapped(self, *a, _orig=orig, **k):
+            n["n"] += 1
+            return _orig(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, wrapped)
+    for name in ("equal", "allclose", "is_nonzero"):
+        orig = getattr(torch, name)
+
+        def wrapped_fn(*a, _orig=orig, **k):
+            n["n"] += 1
+            return _orig(*a, **k)
+
+        monkeypatch.setattr(torch, name, wrapped_fn)
+    return n
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(slice_p=3, betas=(0.0, 0.99), weight_decay=0.1,
+                                             decouple=False, fsdp_in_use=True)])
+def test_foreach_path_syncs_once_per_step(monkeypatch, kw):
+    ps = _tiny(zero=True)  # includes a zero parameter: the p0 decision is in the same sync
+    groups = [{"params": ps[:3]}, {"params": ps[3:], "weight_decay": 0.0}]
+    opt = optimkit.Prodigy(groups, foreach=True, **kw)
+    counter = _count_syncs(monkeypatch)
+    for t in range(4):
+        _grads(ps, t)
+        before = counter["n"]
+        opt.step()
+        assert counter["n"] - before == 1, f"step {t}: {counter['n'] - before} host syncs"
+
+
+def test_sync_counter_sees_syncs(monkeypatch):
+    # The method detects syncs: the per-tensor reference and prodigyopt sync per parameter.
+    ps = _tiny()
+    opt = optimkit.Prodigy(ps, foreach=False)
+    ps2 = _tiny()
+    ref = ref_opt(ps2)
+    counter = _count_syncs(monkeypatch)
+    _grads(ps, 0)
+    opt.step()
+    assert counter["n"] >= 2 * len(ps)
+    _grads(ps2, 0)
+    before = counter["n"]
+    ref.step()
+    assert counter["n"] - before >= 2 * len(ps2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_one_sync_per_step():  # pragma: no cover - CUDA only
+    ps = [p.detach().cuda().requires_grad_() for p in _tiny(zero=True)]
+    opt = optimkit.Prodigy(ps)
+    for t in range(2):
+        _grads(ps, t)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            opt.step()
+        torch.cuda.set_sync_debug_mode(0)
+        assert len([x for x in w if "synchroniz" in str(x.message)]) <= 1
+
+
+# ---------------------------------------------------------------------- beyond prodigyopt
+def test_grad_is_never_modified_prodigyopt_does():
+    kw = dict(weight_decay=0.1, decouple=False)
+    for make, mutates in ((lambda ps: optimkit.Prodigy(ps, foreach=True, **kw), False),
+                          (lambda ps: optimkit.Prodigy(ps, foreach=False, **kw), False),
+                          (lambda ps: ref_opt(ps, **kw), True)):
+        ps = _tiny()
+        opt = make(ps)
+        _grads(ps, 0)
+        before = [p.grad.clone() for p in ps]
+        opt.step()
+        same = all(torch.equal(b, p.grad) for b, p in zip(before, ps))
+        assert same != mutates  # prodigyopt adds weight_decay * p into p.grad; we never do
+
+
+def test_effective_lr_is_the_next_steps_multiplier():
+    ps = _tiny()
+    opt = optimkit.Prodigy([{"params": ps[:3]}, {"params": ps[3:], "lr": 0.0}],
+                           use_bias_correction=True, eps=1e-8)
+    for t in range(12):
+        _grads(ps, t)
+        g = opt.param_groups[0]
+        eff = g["effective_lr"]
+        b1, b2 = g["betas"]
+        k = g["k"]
+        assert eff == pytest.approx(g["d"] * g["lr"] * math.sqrt(1 - b2 ** (k + 1)) / (1 - b1 ** (k + 1)),
+                                    rel=1e-15)
+        assert opt.param_groups[1]["effective_lr"] == 0.0
+        before = ps[0].detach().clone()
+        opt.step()
+        st, d_new = opt.state[ps[0]], opt.param_groups[0]["d"]
+        want = -eff * st["exp_avg"] / (st["exp_avg_sq"].sqrt() + d_new * 1e-8)
+        torch.testing.assert_close(ps[0].detach() - before, want, rtol=1e-9, atol=1e-15)
+
+
+def test_d_coef_larger_means_larger_d():
+    # d_hat = d_coef * r / ||s||_1: over a short run the final d rises with d_coef.
+    ds = [train(lambda g, c=c: optimkit.Prodigy(g, d_coef=c), 10)[1].param_groups[0]["d"]
+          for c in (0.1, 0.5, 1.0, 2.0, 10.0)]
+    assert all(a < b for a, b in zip(ds, ds[1:])), ds
+    # At the second step r and ||s||_1 do not depend on d_coef yet: d_hat is proportional.
+    hats = [train(lambda g, c=c: optimkit.Prodigy(g, d_coef=c), 2)[1].param_groups[0]["d_hat"]
+            for c in (0.5, 1.0, 2.0)]
+    assert hats[0] * 2 == pytest.approx(hats[1], rel=1e-12) and hats[1] * 2 == pytest.approx(hats[2], rel=1e-12)
+
+
+def test_lr_zero_group_is_frozen_prodigyopt_is_not():
+    for beta1 in (0.9, 0.0):
+        kw = dict(weight_decay=0.1, betas=(beta1, 0.999))
+        outs = []
+        for make in (lambda g: optimkit.Prodigy(g, **kw), lambda g: ref_opt(g, **kw)):
+            ps = _tiny()
+            frozen0 = [p.detach().clone() for p in ps[3:]]
+            opt = make([{"params": ps[:3]}, {"params": ps[3:], "lr": 0.0}])
+            for t in range(5):
+                _grads(ps, t)
+                opt.step()
+            outs.append(all(torch.equal(a, p) for a, p in zip(frozen0, ps[3:])))
+            assert opt.param_groups[0]["d"] > 0
+        assert outs == [True, False]  # ours frozen; prodigyopt decays (and with beta1=0 steps)
+
+
+def test_mixed_learning_rates_raise_clearly():
+    ps = _tiny()
+    with pytest.raises(ValueError, match=r"largest lr .* or 0"):
+        optimkit.Prodigy([{"params": ps[:2], "lr": 1.0}, {"params": ps[2:], "lr": 0.5}])
+    opt = optimkit.Prodigy([{"params": ps[:2]}, {"params": ps[2:]}])
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "lr": 0.0})  # fine
+    opt.param_groups[1]["lr"] = 0.3  # e.g. a per-group scheduler
+    _grads(ps, 0)
+    before = [p.detach().clone() for p in ps]
+    with pytest.raises(ValueError, match="lr values"):
+        opt.step()
+    assert all(torch.equal(b, p) for b, p in zip(before, ps)) and len(opt.state) == 0
+
+
+def test_global_hyperparameters_must_agree_across_groups():
+    ps = _tiny()
+    with pytest.raises(ValueError, match="d_coef is global"):
+        optimkit.Prodigy([{"params": ps[:2]}, {"params": ps[2:], "d_coef": 2.0}])
+
+
+def test_late_param_group_joins_the_running_estimate():
+    ps = _tiny()
+    opt = optimkit.Prodigy(ps[:3])
+    for t in range(5):
+        _grads(ps, t)
+        opt.step()
+    opt.add_param_group({"params": ps[3:]})
+    for key in ("d", "d_max", "d_numerator", "k"):
+        assert opt.param_groups[1][key] == opt.param_groups[0][key]
+
+
+def test_constructor_prints_nothing(capsys):
+    optimkit.Prodigy(_tiny(), weight_decay=0.1, decouple=True)
+    assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("kwargs,msg", [
+    (dict(lr=-1.0), "lr=-1.0; expected 0 <= lr"),
+    (dict(lr=float("nan")), "lr=nan"),
+    (dict(betas=(1.0, 0.999)), "betas[0]=1.0"),
+    (dict(betas=(0.9, -0.1)), "betas[1]=-0.1"),
+    (dict(beta3=1.0), "beta3=1.0"),
+    (dict(eps=0.0), "eps=0.0; expected 0 < eps"),
+    (dict(weight_decay=-0.1), "weight_decay=-0.1"),
+    (dict(d0=0.0), "d0=0.0; expected 0 < d0"),
+    (dict(d_coef=-1.0), "d_coef=-1.0"),
+    (dict(growth_rate=0.9), "growth_rate=0.9; expected 1 <= growth_rate"),
+    (dict(slice_p=0), "slice_p=0"),
+    (dict(slice_p=2.5), "slice_p=2.5"),
+    (dict(decouple=1), "decouple=1"),
+    (dict(nonfinite="ignore"), "nonfinite='ignore'"),
+])
+def test_invalid_hyperparameters(kwargs, msg):
+    with pytest.raises(ValueError) as e:
+        optimkit.Prodigy(_tiny(), **kwargs)
+    assert str(e.value).startswith("Prodigy: invalid") and msg in str(e.value)
+
+
+# ------------------------------------------------------------------------- non-finite
+@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("slice_p,where,value", [(1, 4, float("nan")), (3, 4, float("inf")),
+                                                  (3, 1, float("nan"))])  # 1 is outside [::3]
+@pytest.mark.parametrize("first_step", [False, True])
+def test_nonfinite_gradient_raises_and_changes_nothing(foreach, slice_p, where, value, first_step):
+    ps = _tiny(zero=True)
+    opt = optimkit.Prodigy([{"params": ps[:2]}, {"params": ps[2:]}], foreach=foreach, slice_p=slice_p)
+    for t in range(0 if first_step else 4):
+        _grads(ps, t)
+        opt.step()
+    _grads(ps, 9, nan_at=(4, where, value))  # group 1, parameter 2, shape (11,)
+    before = (copy.deepcopy([p.detach() for p in ps]),
+              copy.deepcopy({i: dict(opt.state[p]) for i, p in enumerate(ps) if p in opt.state}),
+              copy.deepcopy([{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]))
+    with pytest.raises(NonFiniteStepError, match=r"param group 1, parameter 2, shape \(11,\)"):
+        opt.step()
+    after = ([p.detach() for p in ps], {i: dict(opt.state[p]) for i, p in enumerate(ps) if p in opt.state},
+             [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups])
+    assert_bitwise(before, after)
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_nonfinite_skip_mode_equals_not_taking_the_step(foreach):
+    runs = []
+    for bad in (True, False):
+        ps = _tiny()
+        opt = optimkit.Prodigy(ps, foreach=foreach, nonfinite="skip")
+        for t in range(10):
+            if t == 5:
+                if not bad:
+                    continue
+                _grads(ps, t, nan_at=(0, 3, float("nan")))
+                with pytest.warns(RuntimeWarning, match="non-finite"):
+                    opt.step()
+                continue
+            _grads(ps, t)
+            opt.step()
+        runs.append((ps, opt))
+    (pa, oa), (pb, ob) = runs
+    assert oa.param_groups[0]["skipped_steps"] == 1 and ob.param_groups[0]["skipped_steps"] == 0
+    assert math.isfinite(oa.param_groups[0]["d"]) and oa.param_groups[0]["d"] == ob.param_groups[0]["d"]
+    for a, b in zip(pa, pb):
+        assert torch.equal(a, b)
+
+
+def test_prodigyopt_is_poisoned_by_one_nan():
+    # The fault we guard against: after one NaN gradient prodigyopt's d statistics stay NaN.
+    ps = _tiny()
+    opt = ref_opt(ps)
+    for t in range(6):
+        _grads(ps, t, nan_at=(0, 3, float("nan")) if t == 2 else None)
+        opt.step()
+    assert math.isnan(float(opt.param_groups[0]["d_numerator"]))
+
+
+# ------------------------------------------------------------------------ low precision
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_statistics_are_float32(dtype):
+    # Oracle: prodigyopt in float32 fed the low-precision values, upcast, every step.
+    kw = dict(weight_decay=0.01, d0=1e-3)  # a d0 whose steps are visible in 8-bit mantissas
+    ps = _tiny(dtype)
+    opt = optimkit.Prodigy(ps, **kw)
+    shadow = [torch.nn.Parameter(p.detach().float()) for p in ps]
+    ref = ref_opt(shadow, **kw)
+    for t in range(8):
+        _grads(ps, t)
+        for s, p in zip(shadow, ps):
+            s.data.copy_(p.detach().float())
+            s.grad = p.grad.float()
+        opt.step()
+        ref.step()
+        assert opt.param_groups[0]["d"] == pytest.approx(ref.param_groups[0]["d"], rel=1e-6)
+        for p, s in zip(ps, shadow):
+            assert torch.equal(p.detach(), s.detach().to(dtype))  # one rounding of the f32 result
+            for k in ("s", "exp_avg", "exp_avg_sq"):
+                assert opt.state[p][k].dtype == torch.float32
+                torch.testing.assert_close(opt.state[p][k], ref.state[s][k], rtol=1e-6, atol=1e-12)
+    assert opt.param_groups[0]["d"] > 2e-3
+
+
+def test_bf16_default_d0_needs_stochastic_rounding_to_start():
+    # With d0=1e-6 the first steps are far below bf16's resolution: rounded to nearest the
+    # parameters never leave p0, r stays 0 and d never grows. Stochastic rounding moves them.
+    ds = {}
+    for sr in (False, True):
+        torch.manual_seed(0)
+        ps = _tiny(torch.bfloat16)
+        opt = optimkit.Prodigy(ps, stochastic_rounding=sr)
+        for t in range(30):
+            _grads(ps, t)
+            opt.step()
+        ds[sr] = opt.param_groups[0]["d"]
+    assert ds[False] == 1e-6 and ds[True] > 1e-5
+
+
+def test_low_precision_state_dict_keeps_float32_state():
+    ps = _tiny(torch.bfloat16)
+    opt = optimkit.Prodigy(ps)
+    for t in range(3):
+        _grads(ps, t)
+        opt.step()
+    opt2 = optimkit.Prodigy([torch.nn.Parameter(p.detach().clone()) for p in ps])
+    opt2.load_state_dict(roundtrip(opt.state_dict()))
+    for a, b in zip(ps, opt2.param_groups[0]["params"]):
+        for k, v in opt.state[a].items():
+            if isinstance(v, torch.Tensor):
+                assert_bitwise(v, opt2.state[b][k], k)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_stochastic_rounding_is_unbiased(dtype):
+    # 40000 identical elements take the same sub-ulp step: each is one independent trial.
+    n = 40000
+    torch.manual_seed(0)
+    target = None
+    means = {}
+    one = torch.tensor(1.0, dtype=dtype)
+    ulp = 1.0 - torch.nextafter(one, torch.tensor(0.0, dtype=dtype)).item()  # spacing below 1
+    for sr in (True, False):
+        p = torch.nn.Parameter(torch.ones(n, dtype=dtype))
+        # the first step is about 3.16e-6 * lr: pick lr for a step of 0.4 ulp below 1.0
+        lr = 0.4 * ulp / 3.16e-6
+        opt = optimkit.Prodigy([p], lr=lr, stochastic_rounding=sr)
+        shadow = torch.nn.Parameter(torch.ones(n))
+        ref = ref_opt([shadow], lr=lr)
+        p.grad = torch.full((n,), 0.5, dtype=dtype)
+        shadow.grad = p.grad.float()
+        opt.step()
+        ref.step()
+        target = shadow.detach()[0].item()
+        means[sr] = p.detach().double().mean().item()
+    step = 1.0 - target
+    assert 0.1 * ulp < step < 0.9 * ulp  # a sub-ulp step: round-to-nearest cannot represent it
+    sigma = ulp * 0.5 / math.sqrt(n)
+    assert abs(means[True] - target) < 5 * sigma
+    assert abs(means[False] - target) > 50 * sigma  # nearest rounding is biased here

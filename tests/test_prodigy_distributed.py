@@ -1,0 +1,185 @@
+"""Prodigy across processes: a real 2-rank gloo job on CPU against a single-process run.
+
+One spawn runs three scenarios (process start-up dominates the cost):
+
+* ``shards``: every parameter is split element-wise between the ranks (as FSDP1 flat
+  parameters are), ``fsdp_in_use=True``; each step the ranks all-gather the full parameters,
+  compute the full gradient and keep their shard of it (what FSDP's reduce-scatter gives).
+  The d statistics are sums over elements, so the sharded run must reproduce the
+  single-process run on the unsharded parameters. With ``slice_p=3`` the shard boundaries
+  are multiples of 3, so each rank's ``[::3]`` slice is its part of the global slice.
+* ``nograd``: rank 0 owns two tensors with gradients, rank 1 owns two tensors that never get
+  a gradient. Rank 1 must still join the all-reduce (no hang), agree on ``d``, and leave its
+  tensors untouched; rank 0 must match the single-process run.
+* ``dtensor``: parameters are DTensors sharded on dim 0 over a CPU device mesh (FSDP2's
+  layout); Prodigy detects them without ``fsdp_in_use``.
+
+prodigyopt itself cannot run any of these on a CPU-only machine: its FSDP path allocates the
+all-reduce buffer with ``.cuda()``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import optimkit
+
+STEPS = 25
+HP = dict(weight_decay=0.01, use_bias_correction=True, d_coef=1.5)
+
+
+def _problem() -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(48, 20, generator=g, dtype=torch.float64)
+    y = torch.randn(48, 3, generator=g, dtype=torch.float64)
+    params = [torch.randn(*s, generator=g, dtype=torch.float64) * 0.3
+              for s in ((20, 8), (8,), (8, 3), (3,))]
+    return params, x, y
+
+
+def _full_grads(full: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor, t: int) -> list[torch.Tensor]:
+    ps = [p.detach().clone().requires_grad_(True) for p in full]
+    w1, b1, w2, b2 = ps
+    xb, yb = x[(t % 3) * 16:(t % 3) * 16 + 16], y[(t % 3) * 16:(t % 3) * 16 + 16]
+    loss = ((torch.tanh(xb @ w1 + b1) @ w2 + b2 - yb) ** 2).mean()
+    return list(torch.autograd.grad(loss, ps))
+
+
+def _split(n: int, slice_p: int) -> int:
+    return max((n // 2) // slice_p * slice_p, 0)
+
+
+def single_process(slice_p: int, with_grad: tuple[int, ...] = (0, 1, 2, 3)) -> tuple[list[torch.Tensor], float]:
+    params, x, y = _problem()
+    ps = [p.clone() for p in params]
+    opt = optimkit.Prodigy([ps[i] for i in with_grad], slice_p=slice_p, **HP)
+    for t in range(STEPS):
+        grads = _full_grads(ps, x, y, t)
+        for i in with_grad:
+            ps[i].grad = grads[i]
+        opt.step()
+    return ps, opt.param_groups[0]["d"]
+
+
+def _worker(rank: int, port: int, outdir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    out: dict[str, object] = {}
+    params, x, y = _problem()
+
+    # -- shards: element-wise shards of every tensor, fsdp_in_use=True
+    for slice_p in (1, 3):
+        bounds = [(0, _split(p.numel(), slice_p)) if rank == 0 else (_split(p.numel(), slice_p), p.numel())
+                  for p in params]
+        shards = [p.reshape(-1)[lo:hi].clone() for p, (lo, hi) in zip(params, bounds)]
+        opt = optimkit.Prodigy(shards, fsdp_in_use=True, slice_p=slice_p, **HP)
+        for t in range(STEPS):
+            full = _gather(shards, bounds, params)
+            grads = _full_grads(full, x, y, t)
+            for sh, g, (lo, hi) in zip(shards, grads, bounds):
+                sh.grad = g.reshape(-1)[lo:hi].clone()
+            opt.step()
+        out[f"shards{slice_p}"] = (_gather(shards, bounds, params), opt.param_groups[0]["d"])
+
+    # -- nograd: rank 1's tensors never get a gradient
+    mine = [params[0].clone(), params[1].clone()] if rank == 0 else [params[2].clone(), params[3].clone()]
+    opt = optimkit.Prodigy(mine, fsdp_in_use=True, **HP)
+    for t in range(STEPS):
+        if rank == 0:
+            grads = _full_grads([mine[0], mine[1], params[2], params[3]], x, y, t)
+            mine[0].grad, mine[1].grad = grads[0], grads[1]
+        opt.step()
+    out["nograd"] = ([m.clone() for m in mine], opt.param_groups[0]["d"])
+
+    # -- dtensor: FSDP2-style DTensor parameters, detected without fsdp_in_use
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (2,))
+    dparams = [torch.nn.Parameter(distribute_tensor(p.clone(), mesh, [Shard(0)])) for p in params]
+    opt = optimkit.Prodigy(dparams, **HP)
+    for t in range(STEPS):
+        grads = _full_grads([p.full_tensor() for p in dparams], x, y, t)
+        for p, g in zip(dparams, grads):
+            p.grad = distribute_tensor(g, mesh, [Shard(0)])
+        opt.step()
+    out["dtensor"] = ([p.full_tensor().detach().clone() for p in dparams], opt.param_groups[0]["d"],
+                      type(opt.state[dparams[0]]["exp_avg"]).__name__)
+
+    torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _gather(shards: list[torch.Tensor], bounds: list[tuple[int, int]],
+            like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The full tensors: each rank writes its shard into zeros and the ranks sum."""
+    full = []
+    for sh, (lo, hi), p in zip(shards, bounds, like):
+        buf = torch.zeros(p.numel(), dtype=sh.dtype)
+        buf[lo:hi] = sh.detach()
+        dist.all_reduce(buf)
+        full.append(buf.reshape(p.shape))
+    return full
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    outdir = str(tmp_path_factory.mktemp("prodigy_dist"))
+    ctx = mp.start_processes(_worker, args=(_free_port(), outdir), nprocs=2, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + 150
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:  # only the two processes this fixture started
+                if proc.is_alive():
+                    proc.kill()
+            pytest.fail("the 2-rank gloo job did not finish in 150 s (a rank hung?)")
+    return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=True) for r in range(2)]
+
+
+@pytest.mark.parametrize("slice_p", [1, 3])
+def test_sharded_matches_single_process(results, slice_p):
+    want_params, want_d = single_process(slice_p)
+    for rank in range(2):
+        got_params, got_d = results[rank][f"shards{slice_p}"]
+        assert got_d == pytest.approx(want_d, rel=1e-10)
+        assert got_d > HP.get("d0", 1e-6)  # d moved: the comparison is not vacuous
+        for g, w in zip(got_params, want_params):
+            torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
+
+
+def test_rank_without_grads_joins_and_matches(results):
+    want_params, want_d = single_process(1, with_grad=(0, 1))
+    (p0_r0, d_r0), (p_r1, d_r1) = results[0]["nograd"], results[1]["nograd"]
+    assert d_r0 == d_r1 == pytest.approx(want_d, rel=1e-10)
+    for g, w in zip(p0_r0, want_params[:2]):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
+    params, _, _ = _problem()
+    for g, w in zip(p_r1, params[2:]):
+        assert torch.equal(g, w)  # never had a gradient: untouched
+
+
+def test_dtensor_parameters_match_single_process(results):
+    want_params, want_d = single_process(1)
+    for rank in range(2):
+        got_params, got_d, state_type = results[rank]["dtensor"]
+        assert state_type == "DTensor"  # exp_avg keeps the parameter's sharding
+        assert got_d == pytest.approx(want_d, rel=1e-10)
+        for g, w in zip(got_params, want_params):
+            torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
