@@ -133,7 +133,7 @@ def run_wrapped(make_opt, steps, stop_after=None, opt_and_params=None):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("base", ["optimkit", "torch"])
 def test_matches_textbook_float64(mode: str, base: str) -> None:
-    steps, lr, mu, k, alpha = 300, 0.1, 0.9, 5, 0.5
+    steps, lr, mu, k, alpha = 300, 0.1, 0.9, 5, 0.6  # alpha != 0.5: alpha and 1 - alpha differ
     expected = textbook_lookahead_sgd(steps, lr, mu, k, alpha, mode)
     sgd = optimkit.SGD if base == "optimkit" else torch.optim.SGD
     got, _ = run_wrapped(lambda ps: Lookahead(sgd(ps, lr=lr, momentum=mu), k=k, alpha=alpha,

@@ -268,7 +268,8 @@ def _expected(kinds: set[str], default: Any) -> str:
     }
     if {"int", "float"} <= kinds:
         kinds = kinds - {"int"}
-    return " or ".join(words[k] for k in sorted(kinds) if k in words)
+    order = ("bool", "int", "float", "tuple", "str", "Tensor", "None")
+    return " or ".join(words[k] for k in order if k in kinds)
 
 
 def _coerce(owner: str, name: str, value: Any, param: inspect.Parameter) -> Any:
