@@ -346,6 +346,9 @@ theta <- theta - lr * g / denom                               otherwise""",
                        "Apply weight_decay as AdamW does (theta *= 1 - lr*weight_decay) instead of "
                        "as an L2 term in the gradient."),
             _foreach(), _maximize(),
+            HyperParam("fused", None, "None or False",
+                       "Accepted for a uniform interface; there is no fused RAdam kernel, so "
+                       "fused=True raises."),
         ),
         when_to_use=("Where Adam needs a learning-rate warm-up to be stable (large lr, "
                      "transformers from scratch) and you do not want to tune the warm-up."),
