@@ -57,12 +57,7 @@ class OptimizerBase(torch.optim.Optimizer):
     def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
         owner = type(self).__name__
         check_impl_flags(owner, defaults.get("foreach"), defaults.get("fused"), self._has_fused)
-        for flag in ("capturable", "differentiable"):
-            if defaults.get(flag):
-                raise ValueError(
-                    f"{owner}: {flag}=True is not supported by optimkit; use torch.optim.{owner} "
-                    f"if you need it"
-                )
+        _refuse_unsupported(owner, defaults)
         if isinstance(params, Tensor):
             raise TypeError(
                 f"{owner}: params must be an iterable of Tensors or dicts, got a single Tensor; "
@@ -109,6 +104,7 @@ class OptimizerBase(torch.optim.Optimizer):
         # Validate the group as it will be (defaults filled in) before adding anything.
         merged = {**getattr(self, "defaults", {}), **{k: v for k, v in param_group.items() if k != "params"}}
         check_impl_flags(owner, merged.get("foreach"), merged.get("fused"), self._has_fused)
+        _refuse_unsupported(owner, merged)
         self._validate_group(merged)
         super().add_param_group(param_group)
 
@@ -212,6 +208,15 @@ class OptimizerBase(torch.optim.Optimizer):
                 if key not in st:
                     raise ValueError(f"{bad}: state of parameter {pid!r} misses key {key!r}")
                 _check_state_value(bad, pid, key, st[key], spec, p)
+
+
+def _refuse_unsupported(owner: str, group: dict[str, Any]) -> None:
+    for flag in ("capturable", "differentiable"):
+        if group.get(flag):
+            raise ValueError(
+                f"{owner}: {flag}=True is not supported by optimkit; use torch.optim.{owner} "
+                "if you need it"
+            )
 
 
 def _check_state_value(bad: str, pid: Any, key: str, v: Any, spec: Any, p: Tensor) -> None:

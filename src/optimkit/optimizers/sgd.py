@@ -81,7 +81,7 @@ class SGD(OptimizerBase):
         check_bool(n, "maximize", g["maximize"])
         if g["nesterov"] and (g["momentum"] <= 0 or g["dampening"] != 0):
             raise ValueError(
-                f"{n}: nesterov=True requires momentum > 0 and dampening == 0 "
+                f"{n}: invalid nesterov=True; expected momentum > 0 and dampening == 0 with it "
                 f"(got momentum={g['momentum']!r}, dampening={g['dampening']!r})"
             )
 
