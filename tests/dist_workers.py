@@ -56,60 +56,26 @@ PG_TIMEOUT_S = 30  # gloo collectives give up (raise) after this long
 # distributed error cannot hide under the tolerance.
 DTYPE = torch.float64
 
-# name -> (optimkit class name, kwargs). Until the registry lands (optimkit.factory.registry
-# .REGISTRY), these are the optimizers under test; learning rates keep 50 steps well-behaved.
-FALLBACK_CASES: dict[str, tuple[str, dict[str, Any]]] = {
-    "sgd": ("SGD", dict(lr=0.1)),
-    "sgd_momentum": ("SGD", dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3)),
-    "adagrad": ("Adagrad", dict(lr=0.05)),
-    "rmsprop": ("RMSprop", dict(lr=1e-3)),
-    "adam": ("Adam", dict(lr=1e-2)),
-    "adamw": ("AdamW", dict(lr=1e-2, weight_decay=1e-2)),
-    "radam": ("RAdam", dict(lr=1e-2)),
-    "adadelta": ("Adadelta", dict(lr=1.0)),
-    "prodigy": ("Prodigy", dict(lr=1.0)),
-}
-# learning rates by class when the registry provides the optimizers
-LR_BY_CLASS = {"SGD": 0.05, "Adagrad": 0.05, "RMSprop": 1e-3, "Adam": 1e-2, "AdamW": 1e-2,
-               "RAdam": 1e-2, "Adadelta": 1.0, "Prodigy": 1.0}
-
-
-def _registry() -> dict[str, Any] | None:
-    try:
-        from optimkit.factory.registry import REGISTRY  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    if not REGISTRY or not hasattr(optimkit, "create_optimizer"):
-        return None
-    specs = REGISTRY.values() if isinstance(REGISTRY, dict) else REGISTRY
-    return {s.name: s for s in specs}
-
-
 def case_names() -> list[str]:
-    reg = _registry()
-    return list(reg) if reg is not None else list(FALLBACK_CASES)
+    """Every optimizer in optimkit's registry, in the registry's order."""
+    from optimkit.factory.registry import REGISTRY
+
+    return list(REGISTRY)
 
 
 def optimizer_spec(name: str) -> tuple[type, dict[str, Any]]:
-    """(class, constructor kwargs) for a case: what ZeroRedundancyOptimizer needs."""
-    reg = _registry()
-    if reg is not None:
-        spec = reg[name]
-        lr = spec.default_lr if spec.default_lr is not None else LR_BY_CLASS.get(spec.cls.__name__, 1e-2)
-        return spec.cls, {**spec.preset, "lr": lr}
-    cls_name, kw = FALLBACK_CASES[name]
-    return getattr(optimkit, cls_name), dict(kw)
+    """(class, constructor kwargs) of a registry name: what ZeroRedundancyOptimizer takes."""
+    spec = optimkit.get_spec(name)
+    return spec.cls, {**spec.preset, "lr": spec.default_lr if spec.default_lr is not None else 1e-3}
 
 
 def is_prodigy(name: str) -> bool:
-    return optimizer_spec(name)[0].__name__ == "Prodigy"
+    return optimizer_spec(name)[0] is optimkit.Prodigy
 
 
 def make_optimizer(name: str, params: Iterable, **extra: Any) -> torch.optim.Optimizer:
-    cls, kw = optimizer_spec(name)
-    if _registry() is not None:
-        return optimkit.create_optimizer(name, params, **{**kw, **extra})  # type: ignore[attr-defined]
-    return cls(params, **kw, **extra)
+    """The registry's optimizer at its default learning rate, as a user would build it."""
+    return optimkit.create_optimizer(name, params, lr=optimizer_spec(name)[1]["lr"], **extra)
 
 
 # ----------------------------------------------------------------------------- model, data
@@ -181,6 +147,24 @@ def params_of(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def state_of(opt: torch.optim.Optimizer, model: nn.Module) -> dict[str, Any]:
+    """This rank's optimizer state, by parameter name: per-parameter entries (local shards for
+    DTensors, as this rank holds them) and every param-group value except ``params``."""
+    inner = getattr(opt, "optim", opt)  # ZeroRedundancyOptimizer: this rank's local optimizer
+    names = {id(p): n.replace("module.", "") for n, p in model.named_parameters()}
+    out: dict[str, Any] = {}
+    for p, st in inner.state.items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                v = (v.to_local() if hasattr(v, "to_local") else v).detach().clone()
+            out[f"{names[id(p)]}.{k}"] = v
+    for i, g in enumerate(opt.param_groups):
+        for k, v in g.items():
+            if k not in ("params", "param_names"):
+                out[f"group{i}.{k}"] = v.detach().clone() if isinstance(v, torch.Tensor) else v
+    return out
+
+
 def train_single(name: str, data: dict[str, torch.Tensor], drop_names: Iterable[str] = (),
                  drop_steps: Iterable[int] = ()) -> tuple[dict[str, torch.Tensor], list[float]]:
     """The single-process reference: the same model and full batches, one optimizer."""
@@ -243,6 +227,7 @@ def run_scenario(scenario: str, name: str, data: dict, rank: int, world: int, tm
         steps = STEPS if scenario == "zero" else 10
         out["d"] = train(ddp, zero, data, 0, steps, rank, world)
         out["params"] = params_of(model)
+        out["state"] = state_of(zero, model)
         out.update(_zero_info(zero))
     elif scenario == "zero_ckpt":
         path = os.path.join(tmp, f"zero_{name}.pt")
@@ -263,6 +248,7 @@ def run_scenario(scenario: str, name: str, data: dict, rank: int, world: int, tm
         zero.load_state_dict(ckpt["optim"])
         out["d"] = d1 + train(ddp, zero, data, HALF, STEPS, rank, world)
         out["params"] = params_of(model)
+        out["state"] = state_of(zero, model)
     elif scenario == "zero_nograd":
         model = DigitsMLP()
         ddp = _ddp(model)
@@ -282,6 +268,7 @@ def run_scenario(scenario: str, name: str, data: dict, rank: int, world: int, tm
         opt = make_optimizer(name, model.parameters())
         out["d"] = train(model, opt, data, 0, STEPS, rank, world)
         out["params"] = params_of(model)
+        out["state"] = state_of(opt, model)
         out["local_numel"] = sum(p.to_local().numel() for p in model.parameters())
     elif scenario == "fsdp2_ckpt":
         import torch.distributed.checkpoint as dcp
@@ -303,6 +290,7 @@ def run_scenario(scenario: str, name: str, data: dict, rank: int, world: int, tm
         set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
         out["d"] = d1 + train(model, opt, data, HALF, STEPS, rank, world)
         out["params"] = params_of(model)
+        out["state"] = state_of(opt, model)
     else:
         raise ValueError(f"unknown scenario {scenario!r}")
     return out
@@ -330,8 +318,6 @@ def _worker(rank: int, world: int, port: int, plan: list[tuple[str, list[str]]],
                 t0 = time.perf_counter()
                 try:
                     res = run_scenario(scenario, name, data, rank, world, outdir)
-                except NotImplementedError as e:
-                    res = {"skip": str(e)}
                 except (KeyboardInterrupt, SystemExit):
                     raise
                 except BaseException:  # noqa: B036 - dcp's CheckpointException is a BaseException
@@ -339,7 +325,7 @@ def _worker(rank: int, world: int, port: int, plan: list[tuple[str, list[str]]],
                 res["seconds"] = time.perf_counter() - t0
                 results[scenario][name] = res
                 print(f"rank {rank}: {scenario}/{name} {res['seconds']:.2f}s "
-                      f"{'error' if 'error' in res else 'skip' if 'skip' in res else 'ok'}", flush=True)
+                      f"{'error' if 'error' in res else 'ok'}", flush=True)
                 torch.save(results, path + ".tmp")
                 os.replace(path + ".tmp", path)
     finally:
