@@ -15,19 +15,8 @@ _one_thread = pytest.fixture(autouse=True, scope="module")(harness.one_thread)
 
 ROWS = [pytest.param(info, id=info.name) for info in OPTIMS]
 
-# Known bugs in modules this suite does not own: (optimizer, error-input index) -> reason.
-# strict xfail, so the marker must go once the bug is fixed.
-KNOWN = {
-    ("SGD", 5): "sgd.py: the nesterov error does not use the canonical format "
-                "(no 'expected' in 'SGD: nesterov=True requires momentum > 0 and dampening == 0')",
-    ("SGD", 6): "sgd.py: the nesterov error does not use the canonical format "
-                "(no 'expected' in 'SGD: nesterov=True requires momentum > 0 and dampening == 0')",
-}
-
 ERROR_CASES = [
-    pytest.param(info, kwargs, fragment, id=f"{info.name}-{i}-{fragment}",
-                 marks=[pytest.mark.xfail(strict=True, reason=KNOWN[(info.name, i)])]
-                 if (info.name, i) in KNOWN else [])
+    pytest.param(info, kwargs, fragment, id=f"{info.name}-{i}-{fragment}")
     for info in OPTIMS
     for i, (kwargs, fragment) in enumerate(info.error_inputs)
 ]
@@ -95,10 +84,27 @@ def test_add_param_group_invalid_hyperparameter(info):
     assert len(opt.param_groups) == 2
 
 
+def _takes(info, kw: str) -> bool:
+    """Whether the class takes keyword ``kw``; where it does not, torch.optim must not either
+    (so passing it is a TypeError in both, and there is nothing more to check)."""
+    if kw in inspect.signature(info.cls.__init__).parameters:
+        return True
+    assert kw not in inspect.signature(info.oracle.__init__).parameters, (
+        f"torch.optim.{info.name} takes {kw}=, optimkit.{info.name} does not")
+    with pytest.raises(TypeError, match=kw):
+        info.cls([_p(3)], **{kw: True})
+    return False
+
+
 @pytest.mark.parametrize("info", ROWS)
 def test_foreach_and_fused_together(info):
+    if _takes(info, "fused"):
+        with pytest.raises(ValueError, match=f"{info.name}.*(foreach|fused)"):
+            info.cls([_p(3)], foreach=True, fused=True)
+    opt = info.cls([_p(3)])
     with pytest.raises(ValueError, match=f"{info.name}.*(foreach|fused)"):
-        info.cls([_p(3)], foreach=True, fused=True)
+        opt.add_param_group({"params": [_p(2)], "foreach": True, "fused": True})
+    assert len(opt.param_groups) == 1
 
 
 @pytest.mark.parametrize("info", ROWS)
@@ -106,8 +112,9 @@ def test_fused_only_where_there_is_a_fused_path(info):
     if "fused" in info.impls:
         info.cls([_p(3)], fused=True)  # accepted
         return
-    with pytest.raises(ValueError, match=f"{info.name}.*fused=True"):
-        info.cls([_p(3)], fused=True)
+    if _takes(info, "fused"):
+        with pytest.raises(ValueError, match=f"{info.name}.*fused=True"):
+            info.cls([_p(3)], fused=True)
     opt = info.cls([_p(3)])
     with pytest.raises(ValueError, match=f"{info.name}.*fused=True"):
         opt.add_param_group({"params": [_p(2)], "fused": True})
@@ -119,14 +126,16 @@ def test_fused_only_where_there_is_a_fused_path(info):
 def test_capturable_and_differentiable_refused(info, flag):
     """Where the keyword exists (as in torch.optim) True raises a ValueError naming the
     optimizer and the flag; where torch.optim has no such keyword, neither do we."""
-    if flag in inspect.signature(info.cls.__init__).parameters:
+    if _takes(info, flag):
         with pytest.raises(ValueError, match=f"{info.name}.*{flag}=True"):
             info.cls([_p(3)], **{flag: True})
-        info.cls([_p(3)], **{flag: False})
+        opt = info.cls([_p(3)], **{flag: False})
     else:
-        assert flag not in inspect.signature(info.oracle.__init__).parameters
-        with pytest.raises(TypeError, match=flag):
-            info.cls([_p(3)], **{flag: True})
+        opt = info.cls([_p(3)])
+    # nor can a later param group switch it on
+    with pytest.raises(ValueError, match=f"{info.name}.*{flag}=True"):
+        opt.add_param_group({"params": [_p(2)], flag: True})
+    assert len(opt.param_groups) == 1
 
 
 @pytest.mark.parametrize("info", ROWS)
@@ -141,7 +150,7 @@ def test_complex_params_refused(info):
 
 
 # ------------------------------------------------------------- a refused step is atomic
-def _two_group_opt(info, impl):
+def _two_group_opt(info, impl, **second):
     """An optimizer (last config of the row, so it keeps state) over two groups, stepped
     twice with valid gradients; returns (opt, group-0 params, group-1 params)."""
     g = torch.Generator().manual_seed(0)
@@ -149,7 +158,7 @@ def _two_group_opt(info, impl):
          torch.nn.Parameter(torch.randn((), dtype=torch.float64, generator=g))]
     b = [torch.nn.Parameter(torch.randn(5, 2, dtype=torch.float64, generator=g)),
          torch.nn.Parameter(torch.randn(3, dtype=torch.float64, generator=g))]
-    opt = info.cls([{"params": a}, {"params": b, **info.second_group}], **info.configs[-1],
+    opt = info.cls([{"params": a}, {"params": b, **info.second_group, **second}], **info.configs[-1],
                    **IMPL_FLAGS[impl])
     for _ in range(2):
         for p in a + b:
@@ -165,9 +174,9 @@ IMPL_ROWS = [pytest.param(info, impl, id=f"{info.name}-{impl}") for info in OPTI
 
 @pytest.mark.parametrize("info,impl", IMPL_ROWS)
 def test_sparse_grad_in_second_group_changes_nothing(info, impl):
-    if info.supports_sparse:
-        pytest.skip(f"{info.name} takes sparse gradients")
-    opt, a, b = _two_group_opt(info, impl)
+    # An optimizer that takes sparse gradients (Adagrad) refuses them, as torch does, in a
+    # group with weight_decay != 0 (the L2 term would make them dense).
+    opt, a, b = _two_group_opt(info, impl, **({"weight_decay": 1e-2} if info.supports_sparse else {}))
     b[0].grad = b[0].grad.to_sparse()
     before = harness.snapshot(opt)
     with pytest.raises(RuntimeError, match=f"{info.name}.*sparse"):

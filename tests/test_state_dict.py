@@ -4,7 +4,7 @@ malformed ones are rejected before anything changes.
 Every state_dict goes through ``torch.save`` / ``torch.load(weights_only=True)``
 (``harness.roundtrip``), as a real checkpoint would. Runs are the parity model of
 ``harness`` (two param groups, a 0-dim and an empty parameter, a frozen layer and a dropped
-gradient before the split) in float64; the split is after ``SPLIT`` steps.
+gradient) in float64 (and float32 for the bit-identical resume).
 
 Tolerances (stated): torch <-> optimkit continuations agree to ``harness.tolerances(float64)``
 (1e-12 relative); a save/load inside optimkit is bit-identical (rtol=0, atol=0).
@@ -20,8 +20,11 @@ import torch
 import harness
 from optim_db import IMPL_FLAGS, OPTIMS, config_id
 
-SPLIT = 50
-REST = 50
+SPLIT = 50  # torch <-> optimkit: the checkpoint is taken after 50 steps ...
+REST = 20  # ... and both runs continue 20 more
+# save/load inside optimkit: split during the frozen-layer window, continue past the step
+# that drops a gradient (harness.FREEZE, harness.DROP_BIAS_STEP)
+SPLIT_B, REST_B = 24, 20
 
 _one_thread = pytest.fixture(autouse=True, scope="module")(harness.one_thread)
 
@@ -76,19 +79,26 @@ def test_optimkit_checkpoint_continues_in_torch(info, cfg, impl):
 
 
 # ----------------------------------------------------------------------- (b) bit resume
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("info,cfg,impl", CASES)
+# float64 for every config; float32 for each row's last config
+RESUME_CASES = [pytest.param(*c.values, torch.float64, id=f"{c.id}-f64") for c in CASES] + [
+    pytest.param(info, info.configs[-1], impl, torch.float32,
+                 id=f"{info.name}-{impl}-{config_id(info.configs[-1])}-f32")
+    for info in OPTIMS for impl in info.impls
+]
+
+
+@pytest.mark.parametrize("info,cfg,impl,dtype", RESUME_CASES)
 def test_resume_is_bit_identical(info, cfg, impl, dtype):
     """Save mid-run, load into a fresh optimizer: the rest of the run is bit for bit the same
     as an uninterrupted one."""
     make = lambda g: info.cls(g, **cfg, **IMPL_FLAGS[impl])  # noqa: E731
     second = info.second_group
-    net_a, opt_a, _ = harness.run(make, steps=SPLIT, dtype=dtype, second=second)
+    net_a, opt_a, _ = harness.run(make, steps=SPLIT_B, dtype=dtype, second=second)
     net_b = copy.deepcopy(net_a)
     opt_b = _resume(make, net_b, opt_a.state_dict(), second)
     assert harness.bitwise_equal(_hyper(opt_b), _hyper(opt_a))
-    _, _, loss_a = harness.run(None, net=net_a, opt=opt_a, start=SPLIT, steps=REST, dtype=dtype)
-    _, _, loss_b = harness.run(None, net=net_b, opt=opt_b, start=SPLIT, steps=REST, dtype=dtype)
+    _, _, loss_a = harness.run(None, net=net_a, opt=opt_a, start=SPLIT_B, steps=REST_B, dtype=dtype)
+    _, _, loss_b = harness.run(None, net=net_b, opt=opt_b, start=SPLIT_B, steps=REST_B, dtype=dtype)
     assert loss_a == loss_b
     harness.assert_same_trajectory(net_b, opt_b, net_a, opt_a, rtol=0, atol=0)
     # assert_close(rtol=0, atol=0) equates -0.0 and 0.0 and ignores int/float scalar types:
@@ -219,3 +229,17 @@ def test_rejects_invalid_hyperparameter_in_saved_group(info):
             sd = harness.roundtrip(opt.state_dict())
             sd["param_groups"][gi].update(copy.deepcopy(kwargs))
             _assert_rejected(opt, sd, fragment, f"param group {gi}")
+
+
+@pytest.mark.parametrize("info", OPTIMS, ids=lambda i: i.name)
+def test_rejects_flags_the_constructor_refuses(info):
+    """A saved group may not bring in what the constructor refuses: foreach=True with
+    fused=True, fused=True without a fused kernel, capturable=True / differentiable=True."""
+    opt = _stepped(info, {})
+    bad_groups = [dict(foreach=True, fused=True), dict(capturable=True), dict(differentiable=True)]
+    if "fused" not in info.impls:
+        bad_groups.append(dict(fused=True))
+    for overrides in bad_groups:
+        sd = harness.roundtrip(opt.state_dict())
+        sd["param_groups"][1].update(overrides)
+        _assert_rejected(opt, sd, "param group 1", next(iter(overrides)))

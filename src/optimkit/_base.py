@@ -191,6 +191,10 @@ class OptimizerBase(torch.optim.Optimizer):
                 )
             merged = {**self.defaults, **{k: v for k, v in saved.items() if k not in ("params", "param_names")}}
             try:
+                # The same checks as the constructor and add_param_group: a checkpoint must not
+                # bring in flags those refuse (fused=True without a fused kernel, capturable=True).
+                check_impl_flags(owner, merged.get("foreach"), merged.get("fused"), self._has_fused)
+                _refuse_unsupported(owner, merged)
                 self._validate_group(merged)
             except ValueError as e:
                 raise ValueError(f"{bad}: param group {gi}: {e}") from None
