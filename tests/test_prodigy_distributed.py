@@ -56,7 +56,8 @@ def _split(n: int, slice_p: int) -> int:
     return max((n // 2) // slice_p * slice_p, 0)
 
 
-def single_process(slice_p: int, with_grad: tuple[int, ...] = (0, 1, 2, 3)) -> tuple[list[torch.Tensor], float]:
+def single_process(slice_p: int, with_grad: tuple[int, ...] = (0, 1, 2, 3),
+                   ) -> tuple[list[torch.Tensor], float]:
     params, x, y = _problem()
     ps = [p.clone() for p in params]
     opt = optimkit.Prodigy([ps[i] for i in with_grad], slice_p=slice_p, **HP)

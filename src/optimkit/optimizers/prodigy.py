@@ -5,33 +5,36 @@ keys, so a ``prodigyopt.Prodigy`` state_dict loads here and continues identicall
 
 One step, with :math:`d` the current distance estimate (global: one value for every group),
 :math:`k` the step counter, :math:`\eta` = ``lr`` (the largest group lr; groups have that lr or
-0), every sliced quantity taken on ``x.flatten()[::slice_p]``::
+0), every sliced quantity taken on ``x.flatten()[::slice_p]``, and primes marking new values::
 
-    bc   = sqrt(1 - beta2^(k+1)) / (1 - beta1^(k+1))    if use_bias_correction, else 1
-    dlr  = d * eta * bc                                   the step multiplier of this step
-    g    <- g + weight_decay * theta                      only if not decouple (p.grad untouched)
-  phase 1 (statistics; groups with lr > 0 only)
-    r    <- beta3 * r + sum_params (d/d0) * dlr * <g_sl, theta0_sl - theta_sl>
-    s    <- beta3 * s + (d/d0) * dlr * g_sl               (d/d0) * d instead of (d/d0) * dlr
-                                                          if safeguard_warmup
-  d update (the one host sync; an all-reduce of the two sums first when sharded)
-    d_hat = d_coef * r / ||s||_1                          (sums over every parameter)
-    d     <- max(d, d_hat)                                only while d == d0 (the first jump)
-    d_max <- max(d_max, d_hat)
-    d'    = min(d_max, d * growth_rate)
-  phase 2 (apply; groups with lr > 0 only)
-    m    <- beta1 * m + d * (1 - beta1) * g               (skipped when beta1 == 0)
-    v    <- beta2 * v + d^2 * (1 - beta2) * g^2
+    bc    = sqrt(1 - beta2^(k+1)) / (1 - beta1^(k+1))    if use_bias_correction, else 1
+    dlr   = d * eta * bc                                  the step multiplier of this step
+    g     = g + weight_decay * theta                      only if not decouple (p.grad untouched)
+    c     = (d/d0) * dlr, or (d/d0) * d if safeguard_warmup (per group)
+  phase 1: statistics (groups with lr > 0; reads only, so a non-finite step changes nothing)
+    r'    = beta3 * r + sum_params (d/d0) * dlr * <g_sl, theta0_sl - theta_sl>
+    s'    = beta3 * s + c * g_sl                          per parameter; only ||s'||_1 is kept
+  the d update (the one host sync; the two sums are all-reduced first when sharded)
+    d_hat = d_coef * r' / sum_params ||s'||_1
+    d     = max(d, d_hat)                                 only while d == d0 (the first jump)
+    d_max' = max(d_max, d_hat)
+    d'    = min(d_max', d * growth_rate)
+  phase 2: writes (groups with lr > 0)
+    s     <- s'
+    m     <- beta1 * m + d * (1 - beta1) * g              (no m when beta1 == 0)
+    v     <- beta2 * v + d^2 * (1 - beta2) * g^2
     theta <- theta - weight_decay * dlr * theta           only if decouple
     theta <- theta - dlr * m / (sqrt(v) + d' * eps)       beta1 > 0
     theta <- theta - dlr * d' * g / (sqrt(v) + d' * eps)  beta1 == 0
-    k <- k + 1
+    k     <- k + 1
 
 ``theta0`` (state ``p0``) is the parameter at its first step (a 0-dim zero when the parameter
-was all zeros). ``d`` is in parameter units (a distance to the solution); ``d_hat``'s numerator
-``r`` is in loss units times parameter units. ``m``, ``v`` and ``s`` carry factors of ``d`` so
-that old statistics stay comparable as ``d`` grows. When ``||s||_1 == 0`` (no gradient seen yet)
-the step stops after updating ``s``, ``m`` and ``v``: nothing else changes, as in prodigyopt.
+was all zeros). Units: ``d`` is in parameter units (a distance to the solution), ``s`` in loss
+units and ``r`` (``d_numerator``) in loss x parameter units; ``m``, ``v`` and ``s`` carry factors
+of ``d`` so that old statistics stay comparable as ``d`` grows. prodigyopt updates ``m``, ``v``
+and ``s`` before the d update; they do not depend on ``d'``, so writing them afterwards gives
+the same values. When ``sum ||s'||_1 == 0`` (no gradient signal yet) the step writes ``s``,
+``m`` and ``v`` and stops: no ``d``, ``k`` or parameter change, as in prodigyopt.
 
 State per parameter (prodigyopt's keys): ``step`` (int), ``s`` and ``p0`` (sliced: 1/slice_p of
 the parameter), ``exp_avg`` (if beta1 > 0) and ``exp_avg_sq``. Param-group keys: every
