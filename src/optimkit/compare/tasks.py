@@ -16,7 +16,7 @@ charlm     a 2-layer causal transformer language model over characters of real E
            library (``pydoc_data.topics``, ~450 KB); falls back to scikit-learn's dataset
            descriptions (``sklearn/datasets/descr/*.rst``, ~43 KB) if it is missing
 docbow     sparse features: which library (numpy, torch, scikit-learn, matplotlib) a
-           docstring comes from, as a bag of words through an ``EmbeddingBag``; the
+           docstring comes from, a linear classifier on word counts (``EmbeddingBag``); the
            docstrings are read from the installed packages' source files. Most words are
            rare, so each embedding row sees few gradients: the setting where per-coordinate
            step sizes (Adagrad, RMSprop) are expected to shine
@@ -300,7 +300,7 @@ def make_charlm(quick: bool = False) -> Task:
         metric="perplexity",
         steps=300,
         quick_steps=60,
-        target=8.0,
+        target=10.0,
         description="2-layer causal transformer (d=48, 4 heads), characters of English prose, context 64",
         family="transformer",
         info={"data": source, "chars": len(ids), "vocab": vocab, "context": ctx},
@@ -369,7 +369,7 @@ def make_docbow(quick: bool = False) -> Task:
         steps=300,
         quick_steps=60,
         target=_accuracy_target("docbow"),
-        description="bag-of-words (EmbeddingBag) docstring -> library, 4 installed packages",
+        description="linear bag-of-words classifier (EmbeddingBag, sum): docstring -> library of 4",
         family="sparse",
         info={
             "data": "docstrings of " + ", ".join(f"{p} {_version(p)}" for p in _DOC_PACKAGES),
@@ -382,15 +382,22 @@ def make_docbow(quick: bool = False) -> Task:
 
 
 class _BagOfWords(nn.Module):
-    """fastText-style: mean of word embeddings, then a linear classifier."""
+    """A linear classifier on word counts (sparse multinomial logistic regression).
 
-    def __init__(self, vocab: int, n_classes: int, dim: int = 32):
+    ``EmbeddingBag(mode="sum")`` with one column per class is exactly ``counts @ W``: each
+    step touches only the rows of the words present, so rare words get rare gradients.
+    """
+
+    def __init__(self, vocab: int, n_classes: int):
         super().__init__()
-        self.emb = nn.EmbeddingBag(vocab, dim, mode="mean", padding_idx=0)
-        self.out = nn.Linear(dim, n_classes)
+        self.emb = nn.EmbeddingBag(vocab, n_classes, mode="sum", padding_idx=0)
+        nn.init.normal_(self.emb.weight, std=0.01)
+        with torch.no_grad():
+            self.emb.weight[0].zero_()  # the padding row
+        self.bias = nn.Parameter(torch.zeros(n_classes))
 
     def forward(self, ids: Tensor) -> Tensor:
-        return self.out(self.emb(ids))
+        return self.emb(ids) + self.bias
 
 
 def _version(pkg: str) -> str:

@@ -92,7 +92,7 @@ def recommend(traits: Traits, top: int = 3) -> list[Recommendation]:
             hyperparams=hp,
             reasons=[r.reason for r in ordered if r.score > 0] or [r.reason for r in ordered],
             setup=[r.setup for r in ordered if r.setup],
-            evidence=sorted({r.evidence for r in rules if r.evidence}),
+            evidence=sorted({e for r in rules for e in r.evidence}),
             correction=CORRECTIONS.get(spec.name),
             state_buffers=spec.state_buffers,
         ))
