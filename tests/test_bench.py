@@ -92,7 +92,6 @@ def test_quick_run_has_every_entry_with_positive_times(quick_run):
 def test_printed_floor_fraction_matches_json(quick_run):
     _, text, report = quick_run
     rows = _table_rows(text)
-    bw = report["bandwidth"]["GBps"] * 1e9
     for set_name, meta in report["sets"].items():
         json_rows = [r for r in report["results"] if r["set"] == set_name]
         printed = rows[set_name]
@@ -104,6 +103,8 @@ def test_printed_floor_fraction_matches_json(quick_run):
                 assert cells[2] == r["status"]
                 continue
             bpp = bench.BYTES_PER_PARAM[r["optimizer"]]
+            bw = r["bandwidth_GBps"] * 1e9
+            assert bw > 0
             want = bpp * meta["params"] / bw / (r["ms_per_step"] / 1e3)
             pct = float(cells[4].rstrip("%"))
             decimals = 1 if 100 * want < 10 else 0
@@ -124,6 +125,14 @@ def test_not_implemented_optimizer_prints_na(monkeypatch, capsys):
     assert by_label["optimkit reference"][2] == "n/a"
     assert by_label["optimkit foreach"][2] == "n/a"
     assert by_label["torch foreach"][2] not in ("n/a", "error")
+
+
+def test_render_reprints_a_saved_run(quick_run, tmp_path, capsys):
+    _, text, report = quick_run
+    path = tmp_path / "saved.json"
+    path.write_text(json.dumps(report))
+    assert bench.main(["--render", str(path)]) == 0
+    assert _table_rows(capsys.readouterr().out) == _table_rows(text)
 
 
 def test_bad_arguments_are_rejected():

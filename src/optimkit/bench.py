@@ -18,7 +18,10 @@ Method (heavyball-style): gradients are set once (fixed random values); every me
 is a single ``opt.step()``; steps are timed in windows and the median over windows is kept;
 within one algorithm all candidates (and one bandwidth window) take turns, in an order that
 alternates direction every repetition, so drift in the machine's load hits all of them
-alike. The first step (state allocation, compilation) is reported separately as "cold".
+alike. The bandwidth used for an algorithm's floor is the median of the copy windows taken
+in turn with that algorithm's candidates, so a change in the machine's load between
+algorithms moves the floor with it. The first step (state allocation, compilation) is
+reported separately as "cold".
 
 Entry point: :func:`main` (``optimkit bench``, ``benchmarks/step_time.py``).
 """
@@ -365,7 +368,8 @@ def _fail(run: _Run, e: BaseException) -> None:
 
 def _measure_algo(
     algo: str, pset: ParamSet, cfg: Config, bw: _Bandwidth, log: Callable[[str], None]
-) -> list[_Run]:
+) -> tuple[list[_Run], float]:
+    """Measure every candidate of ``algo``; also returns the bandwidth measured alongside (GB/s)."""
     pset.reset()
     runs = [_Run(c) for c in candidates_for(algo, cfg.prototype)]
     restore_cap = _RESTORE_EACH_WINDOW.get(algo)
@@ -388,6 +392,7 @@ def _measure_algo(
             _fail(run, e)
             log(f"  {run.cand.label}: {run.status} ({run.reason})")
     live = [r for r in runs if r.status == "ok"]
+    first_bw = len(bw.windows_gbps)
     for rep in range(cfg.repeats):
         # Alternate direction each repetition so slow drift affects every candidate alike;
         # the bandwidth window takes its turn in the same rotation.
@@ -408,7 +413,7 @@ def _measure_algo(
                 run.window_ms.append(1e3 * dt / run.steps_per_window)
             except Exception as e:  # noqa: BLE001
                 _fail(run, e)
-    return runs
+    return runs, statistics.median(bw.windows_gbps[first_bw:])
 
 
 def run_benchmark(cfg: Config, log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
@@ -433,9 +438,11 @@ def run_benchmark(cfg: Config, log: Callable[[str], None] = lambda s: None) -> d
             log(f"set {set_name}: {pset.numel:,} parameters in {len(shapes)} tensors")
             for algo in cfg.optimizers:
                 log(f"  {TITLES[algo]} ...")
-                runs = _measure_algo(algo, pset, cfg, bw, log)
+                runs, block_gbps = _measure_algo(algo, pset, cfg, bw, log)
                 for run in runs:
-                    results.append(_result_row(set_name, algo, run, pset.numel))
+                    row = _result_row(set_name, algo, run, pset.numel)
+                    row["bandwidth_GBps"] = block_gbps
+                    results.append(row)
                     run.opt = run.snapshot = None  # free this algorithm's state before the next one
                 del runs
                 gc.collect()
@@ -451,7 +458,7 @@ def run_benchmark(cfg: Config, log: Callable[[str], None] = lambda s: None) -> d
             else:
                 os.environ["TORCHINDUCTOR_CACHE_DIR"] = old_cache
     gbps = bw.gbps
-    _fill_derived(results, sets_meta, gbps)
+    _fill_derived(results, sets_meta)
     report = {
         "meta": {
             "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -503,11 +510,12 @@ def _result_row(set_name: str, algo: str, run: _Run, n_params: int) -> dict[str,
     return row
 
 
-def _fill_derived(results: list[dict[str, Any]], sets_meta: dict[str, Any], gbps: float) -> None:
-    """Anchor ratio and floor fraction of every measured row."""
+def _fill_derived(results: list[dict[str, Any]], sets_meta: dict[str, Any]) -> None:
+    """Anchor ratio and floor fraction of every row (floor from the row's ``bandwidth_GBps``)."""
     for set_name, meta in sets_meta.items():
         for algo in {r["optimizer"] for r in results if r["set"] == set_name}:
             rows = [r for r in results if r["set"] == set_name and r["optimizer"] == algo]
+            gbps = rows[0]["bandwidth_GBps"]
             floor_ms = 1e3 * BYTES_PER_PARAM[algo] * meta["params"] / (gbps * 1e9)
             anchors = [r for r in rows if r["anchor_candidate"] and r["status"] == "ok"]
             anchor = min(anchors, key=lambda r: r["ms_per_step"]) if anchors else None
@@ -585,8 +593,9 @@ def print_report(report: dict[str, Any], console: Any) -> None:
     meta = report["meta"]
     console.print(
         f"optimkit bench: torch {meta['torch']}, {meta['threads']} threads, {meta['cpu']}; "
-        f"bandwidth (copy, read+write) {bw['GBps']:.1f} GB/s "
-        f"(windows {min(bw['windows_GBps']):.1f}-{max(bw['windows_GBps']):.1f}); "
+        f"bandwidth (copy, read+write) median {bw['GBps']:.1f} GB/s "
+        f"(windows {min(bw['windows_GBps']):.1f}-{max(bw['windows_GBps']):.1f}; each floor uses the "
+        f"median measured alongside that optimizer); "
         f"load avg before {meta['loadavg_before'][0]:.2f}, after {meta['loadavg_after'][0]:.2f}"
     )
     notes: list[str] = []
@@ -610,6 +619,8 @@ def print_report(report: dict[str, Any], console: Any) -> None:
                     name = f"{BYTES_PER_PARAM[algo]} B/param"
                 elif i == 2:
                     name = f"floor {_fmt_ms(r['floor_ms'])} ms"
+                elif i == 3:
+                    name = f"at {r['bandwidth_GBps']:.1f} GB/s"
                 if r["status"] != "ok":
                     cells = [r["status"]] + ["", "", "", ""]
                     notes.append(f"{set_name} / {TITLES[algo]} / {r['label']}: {r['reason']}")
@@ -706,6 +717,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="let the prototype use the existing inductor cache (default: a fresh one, "
                    "so its cold time is a first-ever compile)")
     p.add_argument("--json", metavar="PATH", help="also write the full results as JSON")
+    p.add_argument("--render", metavar="PATH",
+                   help="measure nothing: print the tables of a JSON written by --json")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads(N) before measuring")
     p.add_argument("--seed", type=int, default=0, help="seed of the fixed parameters and gradients")
     return p
@@ -740,6 +753,13 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.render:
+        with open(args.render) as f:
+            saved = json.load(f)
+        _fill_derived(saved["results"], saved["sets"])
+        saved["targets"] = evaluate_targets(saved)
+        print_report(saved, Console(width=None if sys.stdout.isatty() else 140))
+        return 0
     try:
         cfg = config_from_args(args)
     except ValueError as e:
