@@ -1,8 +1,8 @@
 """Property-based parity: for random shapes, dtypes and hyperparameters, every fast
 implementation of a row equals its per-tensor reference, parameters and state included.
 
-Drawn per example: 1-4 tensors with 0-3 dimensions of size 0-4 (so 0-dim and empty tensors
-appear, in lists of different shapes), float32 or float64, every hyperparameter of
+Drawn per example: 1-4 tensors, each a general shape (1-3 dimensions of size 1-5), a 0-dim
+scalar or an empty ``(0, k)`` tensor, float32 or float64, every hyperparameter of
 ``row.hyper_space`` (``(lo, hi)`` float ranges or tuples of choices; ``beta1``/``beta2`` form
 ``betas``; ``nesterov`` is drawn too where the class has it, with ``dampening=0`` and
 examples with ``momentum=0`` rejected, as Nesterov requires), and 3 steps of random
@@ -51,7 +51,10 @@ def _to_kwargs(h: dict) -> dict:
     return h
 
 
-shapes_st = st.lists(st.lists(st.integers(0, 4), max_size=3).map(tuple), min_size=1, max_size=4)
+_general = st.lists(st.integers(1, 5), min_size=1, max_size=3).map(tuple)
+_empty = st.tuples(st.just(0), st.integers(0, 3))
+# about half general shapes, a quarter 0-dim, a quarter empty; 1-4 tensors per example
+shapes_st = st.lists(st.one_of(_general, _general, st.just(()), _empty), min_size=1, max_size=4)
 
 
 def _make_params(shapes, dtype, seed):
