@@ -159,7 +159,7 @@ def _series(xs: list[Any], ys: list[Any]) -> tuple[list[float], list[float]]:
 
 
 def _log_axis(ax: Any, axis: str = "y") -> None:
-    """Log scale with plain tick labels (0.6, 2, 30), minor labels only within ~1 decade."""
+    """Log scale with plain tick labels (0.6, 2, 30); minor labels only on short ranges."""
     from matplotlib.ticker import FuncFormatter
 
     which = ax.yaxis if axis == "y" else ax.xaxis
@@ -171,7 +171,8 @@ def _log_axis(ax: Any, axis: str = "y") -> None:
 
     def minor(v: float, _pos: Any) -> str:
         lo, hi = lim()
-        if lo > 0 and hi / lo < 12 and str(f"{v:.1g}")[0] in "23456":
+        digit = f"{v:.0e}"[0]  # first significant digit
+        if lo > 0 and (hi / lo < 12 and digit in "23456" or hi / lo < 40 and digit in "25"):
             return f"{v:g}"
         return ""
 
@@ -270,9 +271,9 @@ def _plot_sweeps(result: dict[str, Any], colors: dict[str, Any], path: Path) -> 
     tasks = [(t, e) for t, e in result["tasks"].items() if e.get("sweeps")]
     if not tasks:
         return False
-    fig, axes = plt.subplots(1, len(tasks), figsize=(SWEEP_PANEL[0] * len(tasks) + 1.6, SWEEP_PANEL[1]),
+    fig, axes = plt.subplots(1, len(tasks), figsize=(max(7.5, SWEEP_PANEL[0] * len(tasks) + 1.8), SWEEP_PANEL[1]),
                              dpi=DPI, layout="constrained", squeeze=False)
-    fig.suptitle("learning-rate sweep: final validation loss vs lr (x = diverged; star = best)", fontsize=10)
+    fig.suptitle("lr sweep: final validation loss vs lr (x: diverged, star: best)", fontsize=10)
     for ax, (t, e) in zip(axes[0], tasks):
         for lab, s in e["sweeps"].items():
             lrs = [g["lr"] for g in s["grid"]]

@@ -142,23 +142,15 @@ class RichProgress(Progress):
 
     def __init__(self) -> None:
         from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
+        from rich.progress import BarColumn, TextColumn, TimeRemainingColumn
         from rich.progress import Progress as _P
 
         self.console = Console(stderr=True)
         self._p = _P(
             TextColumn("{task.description}"),
             TextColumn("step {task.fields[step]:>4}/{task.fields[steps]:<4}"),
-            TextColumn("loss {task.fields[loss]:>8}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
+            TextColumn("loss {task.fields[loss]:>7}"),
+            BarColumn(bar_width=12),
             TextColumn("ETA"),
             TimeRemainingColumn(),
             console=self.console,
@@ -541,7 +533,7 @@ def run_compare(
                             progress.advance(0, math.nan, tn)
                             continue
                         lr_txt = f" lr={lr:.3g}" if lr is not None else ""
-                        progress.run(f"{task.name} · {c.label}{lr_txt} · seed {seed}", tn)
+                        progress.run(f"{task.name} · {c.label}{lr_txt} s{seed}", tn)
                         try:
                             runs.append(_run_one(task, c, lr, seed, tn, eval_every, dev, train, val, progress))
                         except NotImplementedError as e:
