@@ -1,6 +1,6 @@
 """Prodigy across processes: a real 2-rank gloo job on CPU against a single-process run.
 
-One spawn runs three scenarios (process start-up dominates the cost):
+One spawn runs four scenarios (process start-up dominates the cost):
 
 * ``shards``: every parameter is split element-wise between the ranks (as FSDP1 flat
   parameters are), ``fsdp_in_use=True``; each step the ranks all-gather the full parameters,
@@ -13,6 +13,12 @@ One spawn runs three scenarios (process start-up dominates the cost):
   tensors untouched; rank 0 must match the single-process run.
 * ``dtensor``: parameters are DTensors sharded on dim 0 over a CPU device mesh (FSDP2's
   layout); Prodigy detects them without ``fsdp_in_use``.
+* ``dcp``: DTensor parameters with uneven shards (5 rows: 3 + 2; 1 row: 1 + 0, an empty
+  shard) are checkpointed half-way with ``torch.distributed.checkpoint`` and resumed into a
+  fresh optimizer over different weights, for ``slice_p`` 1 and 3 (with 3 the ranks' slices
+  of the 5-row parameter differ in length). The resumed run must equal the uninterrupted one
+  exactly, every rank's state included: DCP takes plain tensors as replicated, so state kept
+  as per-rank plain tensors fails to save or comes back holding another rank's values.
 
 prodigyopt itself cannot run any of these on a CPU-only machine: its FSDP path allocates the
 all-reduce buffer with ``.cuda()``.
@@ -114,9 +120,68 @@ def _worker(rank: int, port: int, outdir: str) -> None:
     out["dtensor"] = ([p.full_tensor().detach().clone() for p in dparams], opt.param_groups[0]["d"],
                       type(opt.state[dparams[0]]["exp_avg"]).__name__)
 
+    for slice_p in (1, 3):
+        out[f"dcp{slice_p}"] = _dcp_scenario(mesh, slice_p, os.path.join(outdir, f"dcp{slice_p}"))
+
     torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
+
+
+DCP_SHAPES = ((5, 7), (3,), (1, 4))
+
+
+def _dcp_scenario(mesh, slice_p: int, ckpt_dir: str) -> dict[str, object]:
+    """Uninterrupted vs saved-at-half and resumed; returns this rank's results of both."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    g = torch.Generator().manual_seed(1)
+    start = [torch.randn(s, generator=g, dtype=torch.float64) for s in DCP_SHAPES]
+    target = [torch.randn(s, generator=g, dtype=torch.float64) for s in DCP_SHAPES]
+
+    def build(seed_shift: float) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        model = torch.nn.Module()
+        for i, p in enumerate(start):
+            dp = distribute_tensor(p + seed_shift, mesh, [Shard(0)])
+            model.register_parameter(f"w{i}", torch.nn.Parameter(dp))
+        return model, optimkit.Prodigy(model.parameters(), slice_p=slice_p, **HP)
+
+    def train(model: torch.nn.Module, opt: torch.optim.Optimizer, lo: int, hi: int) -> None:
+        for t in range(lo, hi):
+            for p, tg in zip(model.parameters(), target):
+                # gradient of a quadratic with a step-dependent curvature
+                full = (p.full_tensor().detach() - tg) * (1.0 + 0.1 * (t % 4))
+                p.grad = distribute_tensor(full, mesh, [Shard(0)])
+            opt.step()
+
+    def result(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, object]:
+        return {
+            "params": [p.full_tensor().detach().clone() for p in model.parameters()],
+            "d": opt.param_groups[0]["d"],
+            "state": [{k: (v.to_local().clone() if hasattr(v, "to_local") else v)
+                       for k, v in opt.state[p].items()} for p in model.parameters()],
+            "state_types": sorted({type(v).__name__ for p in model.parameters()
+                                   for k, v in opt.state[p].items() if k != "step"}),
+        }
+
+    half = STEPS // 2
+    model, opt = build(0.0)
+    train(model, opt, 0, STEPS)
+    full = result(model, opt)
+
+    model, opt = build(0.0)
+    train(model, opt, 0, half)
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=ckpt_dir)
+    model, opt = build(1.0)  # other weights: the checkpoint must overwrite them
+    msd, osd = get_state_dict(model, opt)  # allocates the state for dcp.load to fill
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=ckpt_dir)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    train(model, opt, half, STEPS)
+    return {"full": full, "resumed": result(model, opt)}
 
 
 def _gather(shards: list[torch.Tensor], bounds: list[tuple[int, int]],
@@ -184,3 +249,29 @@ def test_dtensor_parameters_match_single_process(results):
         assert got_d == pytest.approx(want_d, rel=1e-10)
         for g, w in zip(got_params, want_params):
             torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("slice_p", [1, 3])
+def test_dcp_checkpoint_resumes_exactly_with_uneven_shards(results, slice_p):
+    for rank in range(2):
+        full, resumed = results[rank][f"dcp{slice_p}"]["full"], results[rank][f"dcp{slice_p}"]["resumed"]
+        assert full["state_types"] == ["DTensor"]  # s, p0, exp_avg, exp_avg_sq
+        assert full["d"] > HP.get("d0", 1e-6)  # d moved: s and p0 matter after the resume
+        assert resumed["d"] == full["d"]
+        for g, w in zip(resumed["params"], full["params"]):
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+        for i, (st_got, st_want) in enumerate(zip(resumed["state"], full["state"])):
+            assert st_got.keys() == st_want.keys()
+            for k in st_want:
+                got, want = st_got[k], st_want[k]
+                if isinstance(want, torch.Tensor):
+                    torch.testing.assert_close(got, want, rtol=0, atol=0,
+                                               msg=f"rank {rank}, param {i}, state {k!r}")
+                else:
+                    assert got == want, (rank, i, k)
+    # rank 1's shard of the 1-row parameter is empty; the 5-row parameter's slices differ
+    local_s = [results[r][f"dcp{slice_p}"]["full"]["state"] for r in range(2)]
+    assert local_s[1][2]["exp_avg"].numel() == 0
+    if slice_p == 3:  # 21 and 14 local elements: slices of 7 and 5, padded to one width of 7
+        assert local_s[0][0]["s"].shape == local_s[1][0]["s"].shape == (1, 7)
+        assert local_s[1][0]["s"][0, 5:].eq(0).all() and local_s[1][0]["p0"][0, 5:].eq(0).all()

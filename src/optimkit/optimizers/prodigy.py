@@ -76,10 +76,10 @@ from .._validation import check_betas, check_bool, check_range, fail
 
 try:  # DTensor (FSDP2) is optional: torch builds without distributed lack it
     import torch.distributed as dist
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor, Replicate, Shard
 except Exception:  # pragma: no cover - depends on the torch build
     dist = None  # type: ignore[assignment]
-    DTensor = None  # type: ignore[assignment,misc]
+    DTensor = Replicate = Shard = None  # type: ignore[assignment,misc]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 #: read from group 0 by prodigyopt; here they must agree across groups
@@ -268,13 +268,21 @@ class Prodigy(OptimizerBase):
     def _init_state(self, group: dict[str, Any], p: Tensor, state: dict[str, Any]) -> None:
         pl = _local(p)
         dt = _stat_dtype(pl)
-        sliced = pl.reshape(-1)[:: group["slice_p"]]
         state["step"] = 0
-        state["s"] = torch.zeros(sliced.shape, dtype=dt, device=pl.device)
-        # Full copy for now; replaced by a 0-dim zero after the step's one host sync if the
-        # parameter turns out to be all zeros (prodigyopt's memory saving, decided without
-        # a sync of its own).
-        state["p0"] = torch.empty(sliced.shape, dtype=dt, device=pl.device).copy_(sliced)
+        if _is_dtensor(p):
+            # DTensors, so that torch.distributed.checkpoint saves every rank's part (it takes
+            # plain tensors as replicated: one rank's copy for all). The step works on
+            # _sliced_local views of them. No 0-dim p0 shortcut: whether a shard is all zeros
+            # differs between ranks, and one layout on every rank is what DCP needs.
+            state["s"] = _dtensor_sliced(p, group["slice_p"], dt, copy=False)
+            state["p0"] = _dtensor_sliced(p, group["slice_p"], dt, copy=True)
+        else:
+            sliced = pl.reshape(-1)[:: group["slice_p"]]
+            state["s"] = torch.zeros(sliced.shape, dtype=dt, device=pl.device)
+            # Full copy for now; replaced by a 0-dim zero after the step's one host sync if the
+            # parameter turns out to be all zeros (prodigyopt's memory saving, decided without
+            # a sync of its own).
+            state["p0"] = torch.empty(sliced.shape, dtype=dt, device=pl.device).copy_(sliced)
         if self.param_groups[0]["betas"][0] > 0:
             state["exp_avg"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
         state["exp_avg_sq"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
@@ -316,9 +324,11 @@ class Prodigy(OptimizerBase):
         for w in active:
             grp = w.group
             fn = prodigy_stats_reference if w.impl == "reference" else prodigy_stats_foreach
+            sp = grp["slice_p"]
             pieces.append(fn(
                 [_local(p) for p in w.params], [_local(g) for g in w.grads],
-                [st["s"] for st in w.states], [st["p0"] for st in w.states],
+                [_sliced_local(st["s"], p, sp) for p, st in zip(w.params, w.states)],
+                [_sliced_local(st["p0"], p, sp) for p, st in zip(w.params, w.states)],
                 **self._s_hp(grp, beta3, d, dlr),
             ))
 
@@ -368,7 +378,7 @@ class Prodigy(OptimizerBase):
         fn = prodigy_apply_reference if w.impl == "reference" else prodigy_apply_foreach
         fn(
             [_local(p) for p in w.params], [_local(g) for g in w.grads],
-            [st["s"] for st in w.states],
+            [_sliced_local(st["s"], p, grp["slice_p"]) for p, st in zip(w.params, w.states)],
             [_local(st["exp_avg"]) for st in w.states] if beta1 > 0 else None,
             [_local(st["exp_avg_sq"]) for st in w.states],
             **self._s_hp(grp, beta3, d, dlr),
@@ -430,7 +440,7 @@ class Prodigy(OptimizerBase):
 
     def _settle_fresh(self, fresh: list[Tensor], any_flags: list[float]) -> None:
         for p, nonzero in zip(fresh, any_flags):
-            if not nonzero:
+            if not nonzero and not _is_dtensor(p):  # DTensor p0 keeps its layout (_init_state)
                 st = self.state[p]
                 st["p0"] = torch.zeros((), dtype=st["p0"].dtype, device=st["p0"].device)
 
@@ -633,8 +643,8 @@ def _locate_nonfinite(groups: list[dict[str, Any]], active: list[GroupWork]) -> 
     for w in active:
         gi = next(i for i, g in enumerate(groups) if g is w.group)
         for p, g, st in zip(w.params, w.grads, w.states):
-            parts = {"gradient": _local(g), "parameter": _local(p), "state p0": st["p0"],
-                     "state s": st["s"]}
+            parts = {"gradient": _local(g), "parameter": _local(p), "state p0": _local(st["p0"]),
+                     "state s": _local(st["s"])}
             bad = [name for name, t in parts.items() if not bool(torch.isfinite(t).all())]
             if bad:
                 pi = next(i for i, q in enumerate(w.group["params"]) if q is p)
@@ -658,6 +668,56 @@ def _effective_lr(group: dict[str, Any]) -> float:
 
 def _local(t: Tensor) -> Tensor:
     return t.to_local() if _is_dtensor(t) else t
+
+
+def _dtensor_sliced(p: Tensor, slice_p: int, dtype: torch.dtype, *, copy: bool) -> Tensor:
+    """State ``s`` (zeros) or ``p0`` (``copy``) of DTensor ``p``, as a DTensor on p's mesh.
+
+    ``slice_p == 1``: p's shape and placements (like ``exp_avg``); the local view flattened is
+    this rank's ``flatten()`` of its shard. ``slice_p > 1``: this rank's slice
+    ``shard.flatten()[::slice_p]`` has a length that differs between ranks and matches no
+    Shard layout of a 1-D tensor (torch splits dims as ``torch.chunk`` does), so every rank
+    holds one row of length ``L`` (the longest slice any rank can have), zero-padded: global
+    shape ``(*mesh sizes of p's sharded mesh dims, L)``, one Shard per sharded mesh dim,
+    Replicate where p is replicated. Padding is never read or written by the step.
+    """
+    if slice_p == 1:
+        out = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
+        return out.copy_(p.detach()) if copy else out
+    mesh, pl = p.device_mesh, p.to_local()
+    lead: list[int] = []
+    placements: list[Any] = []
+    largest = list(p.shape)  # the largest local shard: torch.chunk puts the remainder first
+    for mesh_dim, placement in enumerate(p.placements):
+        if placement.is_shard():
+            largest[placement.dim] = -(-largest[placement.dim] // mesh.size(mesh_dim))
+            placements.append(Shard(len(lead)))
+            lead.append(mesh.size(mesh_dim))
+        else:  # Replicate (parameters are never Partial)
+            placements.append(Replicate())
+    width = -(-math.prod(largest) // slice_p)
+    n = -(-pl.numel() // slice_p)
+    if n > width:  # a layout other than torch.chunk's (e.g. _StridedShard): say so, don't guess
+        raise NotImplementedError(
+            f"Prodigy: slice_p={slice_p} with DTensor placements {p.placements} of shape "
+            f"{tuple(p.shape)} gives a local slice of {n} elements, more than the {width} "
+            f"expected; use slice_p=1 with this sharding"
+        )
+    local = torch.zeros((1,) * len(lead) + (width,), dtype=dtype, device=pl.device)
+    if copy:
+        local.view(-1)[:n].copy_(pl.reshape(-1)[::slice_p])
+    return DTensor.from_local(local, mesh, placements, run_check=False,
+                              shape=torch.Size((*lead, width)),
+                              stride=tuple(math.prod(lead[i + 1:]) * width for i in range(len(lead)))
+                              + (1,))
+
+
+def _sliced_local(t: Tensor, p: Tensor, slice_p: int) -> Tensor:
+    """The flat local ``s``/``p0`` the step computes on: ``t`` itself when not a DTensor, else
+    a view of this rank's part (padding cut off), so in-place updates land in ``t``."""
+    if not _is_dtensor(t):
+        return t
+    return t.to_local().view(-1)[: -(-_local(p).numel() // slice_p)]
 
 
 def _is_dtensor(t: Tensor) -> bool:
