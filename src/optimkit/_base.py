@@ -51,6 +51,8 @@ class OptimizerBase(torch.optim.Optimizer):
 
     #: this optimizer has a fused single-pass kernel (``fused=True`` is allowed)
     _has_fused: ClassVar[bool] = False
+    #: (device type, dtype) pairs where torch's fused kernel is known to be wrong
+    _fused_broken: ClassVar[frozenset[tuple[str, torch.dtype]]] = frozenset()
     #: sparse gradients are handled (only Adagrad, as in torch)
     _supports_sparse: ClassVar[bool] = False
 
@@ -135,7 +137,8 @@ class OptimizerBase(torch.optim.Optimizer):
                 )
             params.append(p)
             grads.append(g)
-        impl = resolve_impl(group.get("foreach"), group.get("fused"), self._has_fused, params)
+        impl = resolve_impl(group.get("foreach"), group.get("fused"), self._has_fused, params,
+                            self._fused_broken, owner)
         return GroupWork(group, params, grads, [], impl)
 
     def _apply(self, works: list[GroupWork]) -> None:

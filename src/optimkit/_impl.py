@@ -8,7 +8,8 @@ so every optimizer makes the same choice for the same tensors.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+import warnings
+from collections.abc import Collection, Sequence
 from typing import Literal
 
 import torch
@@ -35,10 +36,30 @@ def check_impl_flags(owner: str, foreach: bool | None, fused: bool | None, has_f
 
 
 def resolve_impl(
-    foreach: bool | None, fused: bool | None, has_fused: bool, tensors: Sequence[Tensor]
+    foreach: bool | None,
+    fused: bool | None,
+    has_fused: bool,
+    tensors: Sequence[Tensor],
+    fused_broken: Collection[tuple[str, torch.dtype]] = (),
+    owner: str = "",
 ) -> Impl:
-    """Pick the implementation for one param group's tensors."""
+    """Pick the implementation for one param group's tensors.
+
+    ``fused_broken`` lists (device type, dtype) pairs on which the torch fused kernel is known
+    to compute wrong results; those never run fused (an explicit ``fused=True`` falls back to
+    foreach with a warning, since silently training wrong is worse than being slower).
+    """
+    broken = any((t.device.type, t.dtype) in fused_broken for t in tensors)
     if fused:
+        if broken:
+            warnings.warn(
+                f"{owner}: torch {torch.__version__}'s fused kernel is wrong for "
+                f"{sorted({f'{d}/{str(t)[6:]}' for d, t in fused_broken})} tensors; "
+                "using the foreach path instead",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return "foreach"
         return "fused"
     if foreach is False:
         return "reference"
@@ -46,7 +67,7 @@ def resolve_impl(
         return "foreach"
     # Default: torch's fused kernels are single-pass and reach the bandwidth floor on CPU
     # (measured in DESIGN.md); foreach is the multi-pass fallback.
-    if has_fused and fused is None and tc.fused_supported(tensors):
+    if has_fused and fused is None and not broken and tc.fused_supported(tensors):
         return "fused"
     return "foreach"
 
