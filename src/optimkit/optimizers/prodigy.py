@@ -41,6 +41,11 @@ the parameter), ``exp_avg`` (if beta1 > 0) and ``exp_avg_sq``. Param-group keys:
 constructor argument plus the global scalars ``d``, ``d0``, ``d_max``, ``d_numerator`` (= r),
 ``d_hat``, ``d_denom`` (= ||s||_1), ``k``, mirrored into every group, and ``effective_lr`` and
 ``skipped_steps``.
+For a DTensor parameter (FSDP2) every state tensor is a DTensor on the parameter's mesh, so
+``torch.distributed.checkpoint`` saves each rank's part: ``exp_avg``, ``exp_avg_sq`` and, with
+``slice_p == 1``, ``s`` and ``p0`` have the parameter's shape and placements; with ``slice_p >
+1`` ``s`` and ``p0`` hold each rank's slice ``shard.flatten()[::slice_p]`` as one zero-padded
+row (see ``_dtensor_sliced``). ``p0`` then never takes the 0-dim shortcut.
 
 Where this differs from prodigyopt 1.1.2, on purpose:
 
