@@ -208,7 +208,7 @@ def test_coercion_to_the_signature_types() -> None:
     ("sgd", dict(lr=-1), r"SGD: invalid lr=-1.0"),
     ("rmsprop", dict(alpha=-0.5), r"RMSprop: invalid alpha=-0.5"),
     ("prodigy", dict(nonfinite="ignore"), r"Prodigy: invalid nonfinite='ignore'"),
-    ("nesterov", dict(momentum=0), r"nesterov=True requires momentum > 0"),
+    ("nesterov", dict(momentum=0), r"invalid nesterov=True; expected momentum > 0"),
 ])
 def test_type_and_range_errors_name_the_argument(name, kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):

@@ -420,7 +420,9 @@ def run_benchmark(cfg: Config, log: Callable[[str], None] = lambda s: None) -> d
     """Measure everything ``cfg`` asks for and return the JSON-able report."""
     load_before = _loadavg()
     started = time.time()
-    old_denormal = torch.set_flush_denormal(True)  # denormals would make timings data-dependent
+    # Denormals would make timings data-dependent. torch has no getter for this flag (the
+    # setter returns whether it is supported), and its default is off: restore off.
+    torch.set_flush_denormal(True)
     old_cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     if cfg.prototype and cfg.cold_compile:
         # A fresh inductor cache: the first-step time is what a first-ever run costs.
@@ -451,7 +453,7 @@ def run_benchmark(cfg: Config, log: Callable[[str], None] = lambda s: None) -> d
         for _ in range(3):
             bw.window()
     finally:
-        torch.set_flush_denormal(old_denormal)
+        torch.set_flush_denormal(False)
         if cfg.prototype and cfg.cold_compile:
             if old_cache is None:
                 os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
