@@ -162,3 +162,9 @@ def test_flat_prototype_math_matches_torch(decoupled):
     for x, y in zip(a, b):
         torch.testing.assert_close(oa.state[x]["exp_avg"], ob.state[y]["exp_avg"])
         torch.testing.assert_close(oa.state[x]["exp_avg_sq"], ob.state[y]["exp_avg_sq"])
+
+
+def test_run_leaves_denormals_representable(quick_run):
+    """The benchmark flushes denormals while timing; it must not leak that into the process."""
+    tiny = torch.tensor(torch.finfo(torch.float32).tiny, dtype=torch.float32)
+    assert float(tiny / 4) > 0.0
