@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from ._impl import Impl, check_impl_flags, resolve_impl
+from ._torch_compat import scalar_dtype
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]]
 
@@ -53,6 +54,8 @@ class OptimizerBase(torch.optim.Optimizer):
     _has_fused: ClassVar[bool] = False
     #: (device type, dtype) pairs where torch's fused kernel is known to be wrong
     _fused_broken: ClassVar[frozenset[tuple[str, torch.dtype]]] = frozenset()
+    #: state["step"] is a 0-dim tensor as torch.optim keeps it (Prodigy: a Python int)
+    _tensor_steps: ClassVar[bool] = False
     #: sparse gradients are handled (only Adagrad, as in torch)
     _supports_sparse: ClassVar[bool] = False
 
@@ -116,6 +119,23 @@ class OptimizerBase(torch.optim.Optimizer):
         for group in self.param_groups:
             for k, v in self.defaults.items():
                 group.setdefault(k, v)
+        if self._tensor_steps:
+            self._normalize_steps()
+
+    def _normalize_steps(self) -> None:
+        """Bring every ``step`` counter to torch.optim's non-fused layout: a 0-dim CPU tensor.
+
+        Old checkpoints hold Python numbers; torch's fused/capturable runs keep the counter on
+        the parameter's device. Both load into the layout our paths expect.
+        """
+        for st in self.state.values():
+            if not isinstance(st, dict) or "step" not in st:
+                continue
+            s = st["step"]
+            if not isinstance(s, Tensor):
+                st["step"] = torch.tensor(float(s), dtype=scalar_dtype())
+            elif not s.is_cpu:
+                st["step"] = s.detach().to("cpu")
 
     # ----------------------------------------------------------------------------- step
     def _gather(self, gi: int, group: dict[str, Any]) -> GroupWork:

@@ -51,6 +51,8 @@ class Adadelta(OptimizerBase):
     Reference: Zeiler, "ADADELTA: An Adaptive Learning Rate Method", arXiv:1212.5701, 2012.
     """
 
+    _tensor_steps = True
+
     def __init__(
         self,
         params: ParamsT,
@@ -85,13 +87,6 @@ class Adadelta(OptimizerBase):
 
     def _state_spec(self, group: dict[str, Any], p: Tensor) -> dict[str, Any]:
         return {"step": SCALAR, "square_avg": PARAM_SHAPE, "acc_delta": PARAM_SHAPE}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        for st in self.state.values():
-            # Very old checkpoints stored ``step`` as a Python number.
-            if "step" in st and not isinstance(st["step"], Tensor):
-                st["step"] = torch.tensor(float(st["step"]), dtype=tc.scalar_dtype())
 
     def _update(self, work: GroupWork) -> None:
         g = work.group

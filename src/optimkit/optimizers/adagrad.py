@@ -59,6 +59,7 @@ class Adagrad(OptimizerBase):
     Stochastic Optimization", JMLR 2011.
     """
 
+    _tensor_steps = True
     _has_fused = True
     _supports_sparse = True
 
@@ -107,13 +108,6 @@ class Adagrad(OptimizerBase):
 
     def _state_spec(self, group: dict[str, Any], p: Tensor) -> dict[str, Any]:
         return {"step": SCALAR, "sum": PARAM_SHAPE}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        for st in self.state.values():
-            # Very old checkpoints stored ``step`` as a Python number.
-            if "step" in st and not isinstance(st["step"], Tensor):
-                st["step"] = torch.tensor(float(st["step"]), dtype=tc.scalar_dtype())
 
     def _gather(self, gi: int, group: dict[str, Any]) -> GroupWork:
         work = super()._gather(gi, group)

@@ -70,6 +70,7 @@ class Adam(OptimizerBase):
         >>> model(torch.randn(4, 3)).sum().backward(); opt.step()
     """
 
+    _tensor_steps = True
     _has_fused = True
 
     def __init__(
@@ -95,10 +96,6 @@ class Adam(OptimizerBase):
             decoupled_weight_decay=decoupled_weight_decay,
         )
         super().__init__(params, defaults)
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        normalize_steps(self)
 
     def _validate_group(self, g: dict[str, Any]) -> None:
         n = type(self).__name__
@@ -222,22 +219,6 @@ def advance_steps(steps: list[Tensor]) -> list[float]:
     if len({(s.device, s.dtype) for s in steps}) > 1:
         steps = [s.to("cpu", torch.float64) for s in steps]
     return torch.stack(steps).tolist()
-
-
-def normalize_steps(opt: torch.optim.Optimizer) -> None:
-    """Bring every ``step`` counter to torch.optim's non-fused layout: a 0-dim CPU tensor.
-
-    Old checkpoints hold Python numbers; torch's fused/capturable runs keep the counter on
-    the parameter's device. Both load into the layout our paths expect.
-    """
-    for st in opt.state.values():
-        if not isinstance(st, dict) or "step" not in st:
-            continue
-        s = st["step"]
-        if not isinstance(s, Tensor):
-            st["step"] = torch.tensor(float(s), dtype=tc.scalar_dtype())
-        elif not s.is_cpu:
-            st["step"] = s.detach().to("cpu")
 
 
 # ---------------------------------------------------------------------------------- math

@@ -41,7 +41,7 @@ from .. import _torch_compat as tc
 from .._base import PARAM_SHAPE, SCALAR, GroupWork, OptimizerBase, ParamsT
 from .._impl import check_impl_flags, group_by_device_dtype
 from .._validation import check_betas, check_bool, check_range
-from .adam import _as_tuple, advance_steps, normalize_steps
+from .adam import _as_tuple, advance_steps
 
 
 class RAdam(OptimizerBase):
@@ -66,6 +66,8 @@ class RAdam(OptimizerBase):
         >>> opt = RAdam(model.parameters(), lr=1e-3, weight_decay=1e-2, decoupled_weight_decay=True)
         >>> model(torch.randn(4, 3)).sum().backward(); opt.step()
     """
+
+    _tensor_steps = True
 
     def __init__(
         self,
@@ -92,10 +94,6 @@ class RAdam(OptimizerBase):
             decoupled_weight_decay=decoupled_weight_decay, differentiable=differentiable,
         )
         super().__init__(params, defaults)
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        normalize_steps(self)
 
     def _validate_group(self, g: dict[str, Any]) -> None:
         n = type(self).__name__

@@ -58,6 +58,8 @@ class RMSprop(OptimizerBase):
     form: Graves, "Generating Sequences With Recurrent Neural Networks", 2013.
     """
 
+    _tensor_steps = True
+
     def __init__(
         self,
         params: ParamsT,
@@ -104,13 +106,6 @@ class RMSprop(OptimizerBase):
         if group["centered"]:
             spec["grad_avg"] = PARAM_SHAPE
         return spec
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        for st in self.state.values():
-            # Very old checkpoints stored ``step`` as a Python number.
-            if "step" in st and not isinstance(st["step"], Tensor):
-                st["step"] = torch.tensor(float(st["step"]), dtype=tc.scalar_dtype())
 
     def _update(self, work: GroupWork) -> None:
         g = work.group
