@@ -182,6 +182,7 @@ class Prodigy(OptimizerBase):
             stochastic_rounding=stochastic_rounding, foreach=foreach,
         )
         self._fresh: list[Tensor] = []
+        self._scratch: dict[tuple[torch.device, torch.dtype], Tensor] = {}
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ validation
@@ -242,6 +243,7 @@ class Prodigy(OptimizerBase):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._fresh = []
+        self._scratch = {}
         for g in self.param_groups:
             # prodigyopt under FSDP stores these as tensors; plain floats from here on
             for key in _FLOAT_SCALARS:
@@ -326,8 +328,15 @@ class Prodigy(OptimizerBase):
         c_num = (d / d0) * dlr  # the numerator's per-step scale (d/d0 keeps it away from 0)
         active = [w for w in works if w.params and float(w.group["lr"]) > 0]
         pieces: list[tuple[Any, Any, Any]] = []  # per group: (<g_sl, p0 - p_sl>, ||s'||_1, probe)
+        fast = {id(w): self._fast(w, beta1) for w in active}
         for w in active:
             grp = w.group
+            if fast[id(w)]:  # plain tensors: no DTensor unwrapping needed
+                pieces.append(prodigy_stats_fast(
+                    w.params, w.grads, [st["s"] for st in w.states],
+                    [st["p0"] for st in w.states], **self._s_hp(grp, beta3, d, dlr),
+                    scratch=self._scratch_for(w.params[0])))
+                continue
             fn = prodigy_stats_reference if w.impl == "reference" else prodigy_stats_foreach
             sp = grp["slice_p"]
             pieces.append(fn(
@@ -364,7 +373,8 @@ class Prodigy(OptimizerBase):
         # ---- phase 2: moments and parameters (frozen groups only count the step)
         for w in works:
             if w.params and float(w.group["lr"]) > 0:
-                self._phase2(w, beta1, beta2, beta3, d, d_new, dlr, update_params=True)
+                self._phase2(w, beta1, beta2, beta3, d, d_new, dlr, update_params=True,
+                             fast=fast[id(w)])
             for st in w.states:
                 st["step"] += 1
 
@@ -377,9 +387,50 @@ class Prodigy(OptimizerBase):
             coupled_wd=0.0 if self.param_groups[0]["decouple"] else float(grp["weight_decay"]),
         )
 
+    def _fast(self, w: GroupWork, beta1: float) -> bool:
+        """Whether group ``w`` takes the fast path (:func:`prodigy_stats_fast` and
+        :func:`prodigy_apply_fused`): the multi-tensor implementation, ``beta1 > 0`` (the fused
+        kernel needs ``exp_avg``), and every tensor a plain contiguous tensor of a dtype in
+        ``_FAST_DTYPES`` on a device in ``_FAST_DEVICES``.
+
+        float64 stays on the foreach path, which matches prodigyopt to ~1e-10: the fused
+        kernel's ``grad_scale`` is float32 only, and ``1/d`` rounded to float32 would cost that.
+        float16/bfloat16 keep float32 state, which the fused kernel (one dtype) cannot take.
+        """
+        if w.impl == "reference" or beta1 <= 0:
+            return False
+        for p, g, st in zip(w.params, w.grads, w.states):
+            if (type(p) not in _PLAIN or p.dtype not in _FAST_DTYPES
+                    or p.device.type not in _FAST_DEVICES or not p.is_contiguous()
+                    or not g.is_contiguous() or g.dtype != p.dtype or g.is_sparse
+                    or not st["exp_avg"].is_contiguous() or not st["exp_avg_sq"].is_contiguous()
+                    or st["exp_avg"].dtype != p.dtype or st["exp_avg_sq"].dtype != p.dtype
+                    or st["s"].dtype != p.dtype or st["p0"].dtype != p.dtype):
+                return False
+        return True
+
+    def _scratch_for(self, p: Tensor) -> Tensor:
+        """Two chunk-sized buffers for phase 1's temporaries (per device and dtype; not state)."""
+        key = (p.device, p.dtype)
+        buf = self._scratch.get(key)
+        if buf is None:
+            n = 2 * (_CHUNK_BYTES.get(p.device.type, _CHUNK_BYTES_DEFAULT) // 4)
+            buf = self._scratch[key] = torch.empty(n, dtype=p.dtype, device=p.device)
+        return buf
+
     def _phase2(self, w: GroupWork, beta1: float, beta2: float, beta3: float, d: float,
-                d_new: float, dlr: float, *, update_params: bool) -> None:
+                d_new: float, dlr: float, *, update_params: bool, fast: bool = False) -> None:
         grp = w.group
+        if update_params and fast and _FAST_D_RANGE[0] < d < _FAST_D_RANGE[1]:
+            decouple = self.param_groups[0]["decouple"]
+            prodigy_apply_fused(
+                w.params, w.grads, [st["s"] for st in w.states],
+                [st["exp_avg"] for st in w.states], [st["exp_avg_sq"] for st in w.states],
+                **self._s_hp(grp, beta3, d, dlr), beta1=beta1, beta2=beta2, d=d, d_new=d_new,
+                dlr=dlr, eps=float(grp["eps"]),
+                decoupled_wd=float(grp["weight_decay"]) if decouple else 0.0,
+            )
+            return
         fn = prodigy_apply_reference if w.impl == "reference" else prodigy_apply_foreach
         fn(
             [_local(p) for p in w.params], [_local(g) for g in w.grads],
@@ -606,6 +657,135 @@ def prodigy_apply_foreach(
                         _stochastic_round_(p, t)
                 else:
                     tc.foreach_copy_(ps, thetas)
+
+
+#: the fast path (see ``Prodigy._fast``): dtypes and device types, and the ``d`` for which
+#: ``1/d`` is a normal float32 (the fused kernel's ``grad_scale``); outside it the foreach path
+_FAST_DTYPES = (torch.float32,)
+_FAST_DEVICES = ("cpu",)
+_FAST_D_RANGE = (1e-30, 1e30)
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+#: a step count at which the fused kernel's bias corrections 1 - beta^step are exactly 1
+#: (beta < 1 in double precision: beta^1e9 underflows to 0), so it applies Prodigy's dlr as is
+_NO_BIAS_CORRECTION_STEP = 1e9
+
+
+def prodigy_stats_fast(
+    params: list[Tensor], grads: list[Tensor], s: list[Tensor], p0: list[Tensor], *,
+    slice_p: int, beta3: float, c_s: float, coupled_wd: float, scratch: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Phase 1 for plain contiguous same-dtype tensors: :func:`prodigy_stats_foreach`'s sums,
+    rounded differently.
+
+    Returns partial sums whose totals are the sums of ``<g_sl, p0 - p_sl>`` and ``||s'||_1``
+    (one value per piece, not per tensor) and the probe. Large tensors are cut into pieces of
+    at most ``scratch.numel() // 2`` elements whose temporaries live in ``scratch``: fresh
+    megabyte temporaries cost page faults on CPU (the allocator hands such blocks back to the
+    OS), which measured here as 2x on this phase. Runs of small tensors are reduced with a few
+    multi-tensor ops and one ``cat`` into ``scratch`` instead of ~6 ops per tensor (per-op
+    overhead dominates below ~10^4 elements). Float32 sums in another order than the
+    reference: agreement to float32 rounding, not bitwise. A NaN/inf anywhere in ``g``
+    (``slice_p == 1``), ``p``, ``p0`` or ``s`` makes a sum non-finite, as in the reference.
+    """
+    dev = params[0].device
+    acc = _acc_dtype(dev)
+    piece = scratch.numel() // 2
+    buf_a, buf_b = scratch[:piece], scratch[piece:2 * piece]
+    dots: list[Tensor] = []
+    l1s: list[Tensor] = []
+    small: list[int] = []  # indices of a run of small tensors, reduced together
+
+    def flush() -> None:
+        if not small:
+            return
+        p_sl = [params[i].view(-1)[::slice_p] for i in small]
+        g_sl = [grads[i].view(-1)[::slice_p] for i in small]
+        if coupled_wd != 0:
+            g_sl = tc.foreach_add(g_sl, p_sl, alpha=coupled_wd)  # new tensors: p.grad untouched
+        diffs = tc.foreach_sub([p0[i] for i in small], p_sl)  # a 0-dim (zero) p0 broadcasts
+        tc.foreach_mul_(diffs, g_sl)
+        n = sum(x.numel() for x in diffs)
+        dots.append(torch.cat(diffs, out=buf_a[:n]).sum())
+        del diffs
+        s_new = tc.foreach_mul([s[i] for i in small], beta3)
+        tc.foreach_add_(s_new, g_sl, alpha=c_s)
+        l1s.append(torch.stack(tc.foreach_norm(s_new, ord=1)).sum())
+        small.clear()
+
+    run = 0
+    for i, p in enumerate(params):
+        n = -(-p.numel() // slice_p)
+        if n == 0:
+            continue  # an empty tensor adds nothing
+        if n <= piece // 8:  # small: joins the current run
+            if run + n > piece:
+                flush()
+                run = 0
+            small.append(i)
+            run += n
+            continue
+        p_sl, g_sl, q = p.view(-1)[::slice_p], grads[i].view(-1)[::slice_p], p0[i]
+        for lo in range(0, n, piece):
+            hi = min(n, lo + piece)
+            pp, gg, ss = p_sl[lo:hi], g_sl[lo:hi], s[i][lo:hi]
+            qq = q if q.dim() == 0 else q[lo:hi]  # 0-dim: a zero p0 (broadcasts)
+            if coupled_wd != 0:
+                gg = torch.add(gg, pp, alpha=coupled_wd, out=buf_b[:hi - lo])
+            dots.append(torch.dot(gg, torch.sub(qq, pp, out=buf_a[:hi - lo])))
+            l1s.append(torch.mul(ss, beta3, out=buf_a[:hi - lo]).add_(gg, alpha=c_s).abs_().sum())
+    flush()
+    chk = torch.zeros((), dtype=acc, device=dev)
+    nonempty = [g for g in grads if g.numel()]
+    if slice_p > 1 and nonempty:  # entries outside the slice: max |g| is NaN/inf iff one is
+        chk = torch.stack(tc.foreach_norm(nonempty, ord=math.inf)).to(acc).sum()
+    if not dots:
+        zero = torch.zeros(1, dtype=acc, device=dev)
+        return zero, zero, chk
+    return torch.stack(dots).to(acc), torch.stack(l1s).to(acc), chk
+
+
+def prodigy_apply_fused(
+    params: list[Tensor], grads: list[Tensor], s: list[Tensor], exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor], *, slice_p: int, beta3: float, c_s: float, coupled_wd: float,
+    beta1: float, beta2: float, d: float, d_new: float, dlr: float, eps: float,
+    decoupled_wd: float,
+) -> None:
+    """Phase 2 through torch's single-pass fused Adam(W) kernel (beta1 > 0, one dtype).
+
+    The kernel computes, with ``grad_scale = 1/d``, ``lr = dlr``, ``eps = d' * eps`` and bias
+    corrections of exactly 1 (``_NO_BIAS_CORRECTION_STEP``)::
+
+        theta = theta - (dlr * wd) * theta      (decoupled: a foreach op before the kernel)
+        gk    = g / (1/d)  (+ (d * wd) * theta when coupled: gk = d * (g + wd * theta))
+        m     = lerp(m, gk, 1 - beta1)      = beta1 m + d (1 - beta1) g
+        v     = beta2 v + (1 - beta2) gk^2  = beta2 v + d^2 (1 - beta2) g^2
+        theta = theta - dlr * m / (sqrt(v) + d' * eps)
+
+    which is :func:`prodigy_apply_foreach`'s update up to float32 rounding (``1/d`` rounded to
+    float32, lerp, and ``c_s * g + (c_s * wd) * theta`` for ``c_s * (g + wd * theta)`` in ``s``).
+    ``s`` is updated per chunk just before the kernel runs on the chunk, so the gradient is
+    still in cache for the kernel; ``theta`` is read before the kernel writes it.
+    """
+    dev = params[0].device
+    inv_d = torch.tensor(1.0 / d, dtype=torch.float32, device=dev)
+    step = torch.tensor(_NO_BIAS_CORRECTION_STEP, dtype=torch.float32, device=dev)
+    for lo, hi in _chunks(params):
+        ps, gs = params[lo:hi], grads[lo:hi]
+        tc.foreach_mul_(s[lo:hi], beta3)
+        tc.foreach_add_(s[lo:hi], [g.view(-1)[::slice_p] for g in gs], alpha=c_s)
+        if coupled_wd != 0:  # s <- beta3 s + c_s (g + wd theta)_sl, without a temporary
+            tc.foreach_add_(s[lo:hi], [p.view(-1)[::slice_p] for p in ps], alpha=c_s * coupled_wd)
+        if decoupled_wd != 0:
+            # Not the kernel's decoupled decay: it multiplies by (1 - dlr * wd) rounded to
+            # float32, and while dlr * wd is near float32's epsilon (Prodigy's first steps,
+            # d ~ d0) that factor is off by up to half an ulp of 1 in the same direction for
+            # every element: a bias in p - p0 that moved d by 0.5% in 30 steps. Adding
+            # -dlr*wd*theta rounds once per element, as the foreach path does.
+            tc.foreach_add_(ps, ps, alpha=-decoupled_wd * dlr)
+        tc.fused_adam_(ps, gs, exp_avgs[lo:hi], exp_avg_sqs[lo:hi], [], [step] * (hi - lo),
+                       amsgrad=False, lr=dlr, beta1=beta1, beta2=beta2,
+                       weight_decay=coupled_wd * d, eps=d_new * eps, maximize=False,
+                       grad_scale=inv_d, found_inf=None)
 
 
 def _chunks(tensors: list[Tensor]) -> list[tuple[int, int]]:
