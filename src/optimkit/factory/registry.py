@@ -263,7 +263,7 @@ theta <- theta - clr * g / (sqrt(sum) + eps)""",
             HyperParam("centered", False, "True or False",
                        "Normalise by the gradient variance (v - mean(g)^2) instead of v; larger "
                        "steps when gradients are consistent, one more buffer."),
-            _foreach(), _maximize(),
+            _foreach(), _maximize(), _fused(),
         ),
         when_to_use=("Recurrent nets and reinforcement learning (non-stationary objectives); a "
                      "lighter alternative to Adam without bias correction."),
@@ -345,10 +345,7 @@ theta <- theta - lr * g / denom                               otherwise""",
             HyperParam("decoupled_weight_decay", False, "True or False",
                        "Apply weight_decay as AdamW does (theta *= 1 - lr*weight_decay) instead of "
                        "as an L2 term in the gradient."),
-            _foreach(), _maximize(),
-            HyperParam("fused", None, "None or False",
-                       "Accepted for a uniform interface; there is no fused RAdam kernel, so "
-                       "fused=True raises."),
+            _foreach(), _maximize(), _fused(),
         ),
         when_to_use=("Where Adam needs a learning-rate warm-up to be stable (large lr, "
                      "transformers from scratch) and you do not want to tune the warm-up."),

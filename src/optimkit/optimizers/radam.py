@@ -22,8 +22,16 @@ step), and in parameter units per gradient unit during the first, unrectified st
 five with ``beta2=0.999``). ``eps`` is in gradient units.
 
 State, exactly as torch.optim stores it: ``step`` (a 0-dim CPU tensor of dtype
-``_torch_compat.scalar_dtype()``), ``exp_avg``, ``exp_avg_sq``. torch has no fused RAdam, so
-neither do we: the fast path is the multi-tensor one.
+``_torch_compat.scalar_dtype()``), ``exp_avg``, ``exp_avg_sq``.
+
+Fused path (torch has no fused RAdam; we reuse its fused Adam kernel): a rectified step is
+Adam's update with both bias corrections folded into the step size. Handing the kernel step
+counters of ``2**100`` makes its own corrections exactly 1 (``beta**(2**100) == 0``), and
+``lr_k = lr * r_t * sqrt(1 - beta2^t) / (1 - beta1^t)`` makes its update
+``theta -= lr_k * m_t / (sqrt(v_t) + eps)``, the rectified line above. Decoupled decay uses
+the AdamW kernel (``theta *= 1 - lr_k * wd_k``) with ``wd_k = lr * weight_decay / lr_k``.
+Tensors whose step is not rectified (the first steps, or a layer whose counter lags) take
+the foreach path; the rest go to the kernel in one call per distinct step value.
 
 Reference:
     Liu et al., On the Variance of the Adaptive Learning Rate and Beyond,
@@ -59,7 +67,10 @@ class RAdam(OptimizerBase):
         maximize: ascend the objective instead of descending.
         capturable: not supported (``True`` raises); present for signature compatibility.
         differentiable: not supported (``True`` raises); present for signature compatibility.
-        fused: ``True`` raises (there is no fused RAdam kernel, in torch or here).
+        fused: ``True`` single-pass path (torch's fused Adam kernel with mapped
+            hyperparameters, see the module docstring), the default when ``None`` and every
+            tensor is a CPU/CUDA floating tensor. Not a param-group key (torch's RAdam has
+            none); the choice is the optimizer's.
 
     Example:
         >>> model = torch.nn.Linear(3, 1)
@@ -68,6 +79,7 @@ class RAdam(OptimizerBase):
     """
 
     _tensor_steps = True
+    _has_fused = True
 
     def __init__(
         self,
@@ -84,10 +96,10 @@ class RAdam(OptimizerBase):
         differentiable: bool = False,
         fused: bool | None = None,
     ) -> None:
-        # torch.optim.RAdam has no fused kernel and no ``fused`` keyword; we take the keyword
-        # only to refuse True with a clear message, and keep it out of the param groups so
-        # their keys stay torch's.
+        # torch.optim.RAdam has no ``fused`` keyword: keep it out of the param groups so their
+        # keys stay torch's (state_dicts move both ways), and hold the choice on the optimizer.
         check_impl_flags(type(self).__name__, foreach, fused, self._has_fused)
+        self._fused = fused
         defaults = dict(
             lr=lr, betas=_as_tuple(betas), eps=eps, weight_decay=weight_decay, maximize=maximize,
             foreach=foreach, capturable=capturable,
@@ -103,6 +115,14 @@ class RAdam(OptimizerBase):
         check_range(n, "weight_decay", g["weight_decay"], 0.0)
         check_bool(n, "decoupled_weight_decay", g["decoupled_weight_decay"])
         check_bool(n, "maximize", g["maximize"])
+
+    def __getstate__(self) -> dict[str, Any]:
+        # torch.optim pickles only defaults/state/param_groups; keep the user's fused choice.
+        return {**super().__getstate__(), "_fused": getattr(self, "_fused", None)}
+
+    def _gather(self, gi: int, group: dict[str, Any]) -> GroupWork:
+        fused = getattr(self, "_fused", None)
+        return super()._gather(gi, group if fused is None else {**group, "fused": fused})
 
     def _init_state(self, group: dict[str, Any], p: Tensor, state: dict[str, Any]) -> None:
         # torch.optim's non-capturable layout (a CPU counter), so checkpoints move both ways.
@@ -121,7 +141,7 @@ class RAdam(OptimizerBase):
             weight_decay=float(g["weight_decay"]), maximize=g["maximize"],
             decoupled_weight_decay=g["decoupled_weight_decay"],
         )
-        fn = {"reference": radam_reference, "foreach": radam_foreach}[work.impl]
+        fn = {"reference": radam_reference, "foreach": radam_foreach, "fused": radam_fused}[work.impl]
         fn(
             work.params, work.grads,
             [s["exp_avg"] for s in work.states], [s["exp_avg_sq"] for s in work.states],
@@ -186,29 +206,98 @@ def radam_foreach(
     for blists, _ in group_by_device_dtype(params, grads, exp_avgs, exp_avg_sqs, steps).values():
         ps, gs, ms, vs, ss = blists
         ts = advance_steps(ss)
-        if maximize:
-            gs = tc.foreach_neg(gs)
-        if weight_decay != 0:
-            if decoupled_weight_decay:
-                tc.foreach_mul_(ps, 1 - lr * weight_decay)
-            elif maximize:
-                tc.foreach_add_(gs, ps, alpha=weight_decay)  # gs is already our own copy
-            else:
-                gs = tc.foreach_add(gs, ps, alpha=weight_decay)
-        tc.foreach_lerp_(ms, gs, 1 - beta1)
-        tc.foreach_mul_(vs, beta2)
-        tc.foreach_addcmul_(vs, gs, gs, 1 - beta2)
-        del gs
-        rects = [_rectification(t, beta2) for t in ts]
-        on = [j for j, r in enumerate(rects) if r is not None]
-        off = [j for j, r in enumerate(rects) if r is None]
-        if on:
-            denom = tc.foreach_sqrt([vs[j] for j in on])
-            tc.foreach_add_(denom, eps)
-            tc.foreach_addcdiv_(
-                [ps[j] for j in on], [ms[j] for j in on], denom,
-                [-lr * rects[j] * (1 - beta2 ** ts[j]) ** 0.5 / (1 - beta1 ** ts[j]) for j in on],
+        _radam_foreach_advanced(
+            ps, gs, ms, vs, ts, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+            weight_decay=weight_decay, maximize=maximize,
+            decoupled_weight_decay=decoupled_weight_decay,
+        )
+
+
+def _radam_foreach_advanced(
+    ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], vs: list[Tensor], ts: list[float], *,
+    lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, maximize: bool,
+    decoupled_weight_decay: bool,
+) -> None:
+    """The foreach update of one (device, dtype) bucket whose counters already read ``ts``."""
+    if not ps:
+        return
+    if maximize:
+        gs = tc.foreach_neg(gs)
+    if weight_decay != 0:
+        if decoupled_weight_decay:
+            tc.foreach_mul_(ps, 1 - lr * weight_decay)
+        elif maximize:
+            tc.foreach_add_(gs, ps, alpha=weight_decay)  # gs is already our own copy
+        else:
+            gs = tc.foreach_add(gs, ps, alpha=weight_decay)
+    tc.foreach_lerp_(ms, gs, 1 - beta1)
+    tc.foreach_mul_(vs, beta2)
+    tc.foreach_addcmul_(vs, gs, gs, 1 - beta2)
+    del gs
+    rects = [_rectification(t, beta2) for t in ts]
+    on = [j for j, r in enumerate(rects) if r is not None]
+    off = [j for j, r in enumerate(rects) if r is None]
+    if on:
+        denom = tc.foreach_sqrt([vs[j] for j in on])
+        tc.foreach_add_(denom, eps)
+        tc.foreach_addcdiv_(
+            [ps[j] for j in on], [ms[j] for j in on], denom,
+            [-lr * rects[j] * (1 - beta2 ** ts[j]) ** 0.5 / (1 - beta1 ** ts[j]) for j in on],
+        )
+    if off:
+        upd = tc.foreach_mul([ms[j] for j in off], [-lr / (1 - beta1 ** ts[j]) for j in off])
+        tc.foreach_add_([ps[j] for j in off], upd)
+
+
+#: step counter handed to the fused kernel so that 1 - beta**step == 1 exactly (beta < 1)
+_NO_BIAS_CORRECTION_STEP = 2.0**100
+
+
+def radam_fused(
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor], steps: list[Tensor], *,
+    lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, maximize: bool,
+    decoupled_weight_decay: bool,
+) -> None:
+    """Rectified steps through torch's fused Adam/AdamW kernel (mapping: module docstring).
+
+    Per (device, dtype) bucket the counters are advanced and read back once; tensors are
+    grouped by step value (one group unless a layer was frozen for a while), and every group
+    that is not yet rectified takes the foreach path.
+    """
+    kernel = tc.fused_adamw_ if decoupled_weight_decay else tc.fused_adam_
+    buckets = group_by_device_dtype(params, grads, exp_avgs, exp_avg_sqs, steps)
+    for (device, _), ((ps, gs, ms, vs, ss), _) in buckets.items():
+        ts = advance_steps(ss)
+        by_step: dict[float, list[int]] = {}
+        for j, t in enumerate(ts):
+            by_step.setdefault(t, []).append(j)
+        off: list[int] = []
+        kstep = None
+        for t, idx in by_step.items():
+            rect = _rectification(t, beta2)
+            if rect is None:
+                off.extend(idx)
+                continue
+            lr_k = lr * rect * (1 - beta2**t) ** 0.5 / (1 - beta1**t)
+            # decoupled: the kernel shrinks by 1 - lr_k * wd_k, torch's RAdam by 1 - lr * wd
+            wd_k = lr * weight_decay / lr_k if decoupled_weight_decay and lr_k > 0 else (
+                0.0 if decoupled_weight_decay else weight_decay)
+            if kstep is None:
+                # The CPU kernel reads its counters on the host, the CUDA one as float32 on
+                # the device; every tensor can share one.
+                kstep = torch.tensor(_NO_BIAS_CORRECTION_STEP, dtype=torch.float32,
+                                     device=None if device.type == "cpu" else device)
+            kernel(
+                [ps[j] for j in idx], [gs[j] for j in idx], [ms[j] for j in idx],
+                [vs[j] for j in idx], [], [kstep] * len(idx), amsgrad=False, lr=lr_k,
+                beta1=beta1, beta2=beta2, weight_decay=wd_k, eps=eps, maximize=maximize,
+                grad_scale=None, found_inf=None,
             )
         if off:
-            upd = tc.foreach_mul([ms[j] for j in off], [-lr / (1 - beta1 ** ts[j]) for j in off])
-            tc.foreach_add_([ps[j] for j in off], upd)
+            _radam_foreach_advanced(
+                [ps[j] for j in off], [gs[j] for j in off], [ms[j] for j in off],
+                [vs[j] for j in off], [ts[j] for j in off], lr=lr, beta1=beta1, beta2=beta2,
+                eps=eps, weight_decay=weight_decay, maximize=maximize,
+                decoupled_weight_decay=decoupled_weight_decay,
+            )

@@ -16,10 +16,17 @@ All buffers start at zero (no bias correction, as in torch). ``lr`` is in parame
 normalised gradient unit, ``eps`` in gradient units. State: ``step``, ``square_avg`` (v),
 ``momentum_buffer`` (b, only when ``momentum > 0``) and ``grad_avg`` (m, only when
 ``centered``), exactly as torch.optim stores them.
+
+Fused path: plain RMSprop (not centered, no momentum, ``alpha < 1``) is torch's fused Adam
+kernel with ``beta1 = 0`` (its first moment becomes the gradient itself), ``beta2 = alpha``
+and both bias corrections forced to exactly 1 by handing the kernel step counters of
+``2**100`` (``beta**(2**100)`` is exactly 0 for every ``beta < 1``). The kernel's first-moment
+buffer is a per-(device, dtype) scratch buffer owned by the optimizer, never state.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -27,8 +34,15 @@ from torch import Tensor
 
 from .. import _torch_compat as tc
 from .._base import PARAM_SHAPE, SCALAR, GroupWork, OptimizerBase, ParamsT
-from .._impl import group_by_device_dtype
+from .._impl import check_impl_flags, group_by_device_dtype
 from .._validation import check_bool, check_range
+
+#: elements of the fused path's scratch first-moment buffer per (device, dtype): small enough
+#: to stay in cache and to cost nothing in memory, large enough that a kernel call is long
+#: compared with its launch/OpenMP overhead.
+SCRATCH_NUMEL = 1 << 18
+#: step counter handed to the fused kernel so that 1 - beta**step == 1 exactly (beta < 1)
+_NO_BIAS_CORRECTION_STEP = 2.0**100
 
 
 class RMSprop(OptimizerBase):
@@ -48,6 +62,12 @@ class RMSprop(OptimizerBase):
         foreach: ``True`` multi-tensor path, ``False`` per-tensor reference, ``None`` fastest.
         maximize: ascend the objective instead of descending.
         differentiable: must be ``False`` (not supported by optimkit).
+        fused: ``True`` single-pass path (torch's fused Adam kernel with mapped
+            hyperparameters), the default when ``None`` and the group is plain RMSprop (not
+            centered, ``momentum == 0``, ``alpha < 1``) on CPU/CUDA floating tensors. It has no
+            kernel for centered or momentum RMSprop: those groups take the foreach path, with a
+            warning when ``fused=True`` was asked for. Not a param-group key (torch's
+            RMSprop has none); the choice is the optimizer's.
 
     Example:
         >>> model = torch.nn.Linear(3, 1)
@@ -59,6 +79,7 @@ class RMSprop(OptimizerBase):
     """
 
     _tensor_steps = True
+    _has_fused = True
 
     def __init__(
         self,
@@ -73,7 +94,13 @@ class RMSprop(OptimizerBase):
         foreach: bool | None = None,
         maximize: bool = False,
         differentiable: bool = False,
+        *,
+        fused: bool | None = None,
     ) -> None:
+        # torch.optim.RMSprop's param groups have no "fused" key; keep theirs exactly (so
+        # state_dicts move both ways) and hold the choice on the optimizer instead.
+        check_impl_flags(type(self).__name__, foreach, fused, self._has_fused)
+        self._fused = fused
         defaults = dict(
             lr=lr, momentum=momentum, alpha=alpha, eps=eps, centered=centered,
             weight_decay=weight_decay, capturable=capturable, foreach=foreach,
@@ -90,6 +117,26 @@ class RMSprop(OptimizerBase):
         check_range(n, "momentum", g["momentum"], 0.0, 1.0, hi_open=True)
         check_bool(n, "centered", g["centered"])
         check_bool(n, "maximize", g["maximize"])
+
+    def __getstate__(self) -> dict[str, Any]:
+        # torch.optim pickles only defaults/state/param_groups; keep the user's fused choice
+        # (the scratch buffer is not kept: it is rebuilt on the next step).
+        return {**super().__getstate__(), "_fused": getattr(self, "_fused", None)}
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        g = self.param_groups[-1]
+        if getattr(self, "_fused", None) and not _fused_eligible(g):
+            warnings.warn(
+                f"{type(self).__name__}: fused=True has no single-pass kernel for centered=True, "
+                f"momentum > 0 or alpha=1 (this group: centered={g['centered']}, "
+                f"momentum={g['momentum']}, alpha={g['alpha']}); it uses the foreach path",
+                RuntimeWarning, stacklevel=3,
+            )
+
+    def _gather(self, gi: int, group: dict[str, Any]) -> GroupWork:
+        fused = getattr(self, "_fused", None)
+        return super()._gather(gi, group if fused is None else {**group, "fused": fused})
 
     def _init_state(self, group: dict[str, Any], p: Tensor, state: dict[str, Any]) -> None:
         state["step"] = torch.tensor(0.0, dtype=tc.scalar_dtype())
@@ -125,8 +172,30 @@ class RMSprop(OptimizerBase):
         square_avgs = [s["square_avg"] for s in work.states]
         bufs = [s["momentum_buffer"] for s in work.states] if use_buf else None
         grad_avgs = [s["grad_avg"] for s in work.states] if centered else None
-        fn = {"reference": rmsprop_reference, "foreach": rmsprop_foreach}[work.impl]
+        impl = work.impl
+        if impl == "fused" and not _fused_eligible(g):
+            impl = "foreach"
+        if impl == "fused":
+            rmsprop_fused(work.params, work.grads, steps, square_avgs, scratch=self._scratch,
+                          lr=hp["lr"], alpha=hp["alpha"], eps=hp["eps"],
+                          weight_decay=hp["weight_decay"], maximize=hp["maximize"])
+            return
+        fn = {"reference": rmsprop_reference, "foreach": rmsprop_foreach}[impl]
         fn(work.params, work.grads, steps, square_avgs, grad_avgs, bufs, **hp)
+
+    def _scratch(self, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """The fused path's first-moment scratch buffer for (device, dtype), made once."""
+        bufs = self.__dict__.setdefault("_scratch_bufs", {})
+        buf = bufs.get((device, dtype))
+        if buf is None:
+            buf = bufs[(device, dtype)] = torch.zeros(SCRATCH_NUMEL, device=device, dtype=dtype)
+        return buf
+
+
+def _fused_eligible(group: dict[str, Any]) -> bool:
+    """Plain RMSprop maps onto the fused Adam kernel; centered / momentum / alpha=1 do not
+    (alpha=1 would make the kernel's second bias correction 1 - 1**t = 0)."""
+    return not group["centered"] and group["momentum"] == 0 and float(group["alpha"]) < 1
 
 
 # ---------------------------------------------------------------------------------- math
@@ -206,3 +275,72 @@ def _increment(steps: list[Tensor]) -> None:
         tc.foreach_add_(steps, torch.tensor(1.0), alpha=1.0)
     else:
         tc.foreach_add_(steps, 1)
+
+
+def rmsprop_fused(
+    params: list[Tensor], grads: list[Tensor], steps: list[Tensor], square_avgs: list[Tensor],
+    *, scratch: Any, lr: float, alpha: float, eps: float, weight_decay: float, maximize: bool,
+) -> None:
+    """Plain RMSprop as one pass of torch's fused Adam kernel, per (device, dtype) bucket.
+
+    Mapping (module docstring): ``beta1 = 0``, ``beta2 = alpha``, coupled ``weight_decay``,
+    bias corrections exactly 1; then the kernel computes ``m = g``, ``v = alpha v + (1 - alpha)
+    g^2`` and ``theta -= lr * g / (sqrt(v) + eps)``, which is the reference update.
+    ``scratch(device, dtype)`` returns a 1-D buffer the kernel may use as its first moment:
+    tensors are cut into contiguous views and sent in chunks that fit in it.
+    Non-contiguous tensors (their memory is not one flat run) take the foreach path.
+    """
+    buckets = group_by_device_dtype(params, grads, steps, square_avgs)
+    for (device, dtype), ((ps, gs, ts, vs), _) in buckets.items():
+        flat = [j for j in range(len(ps))
+                if ps[j].is_contiguous() and gs[j].is_contiguous() and vs[j].is_contiguous()]
+        if len(flat) < len(ps):
+            on = set(flat)
+            rest = [j for j in range(len(ps)) if j not in on]
+            rmsprop_foreach(
+                [ps[j] for j in rest], [gs[j] for j in rest], [ts[j] for j in rest],
+                [vs[j] for j in rest], None, None, lr=lr, alpha=alpha, eps=eps,
+                weight_decay=weight_decay, momentum=0.0, maximize=maximize,
+            )
+        if not flat:
+            continue
+        _increment([ts[j] for j in flat])
+        buf = scratch(device, dtype)
+        cap = buf.numel()
+        # The kernel reads its counters on the host on CPU, as float32 on the device on CUDA.
+        kstep = torch.tensor(_NO_BIAS_CORRECTION_STEP, dtype=torch.float32,
+                             device=None if device.type == "cpu" else device)
+        chunk: tuple[list[Tensor], list[Tensor], list[Tensor]] = ([], [], [])
+        used = 0
+
+        def flush() -> None:
+            nonlocal used, chunk
+            if not chunk[0]:
+                return
+            # m = beta1 m + (1 - beta1) g is g only if the old m is finite: clear it, so a
+            # non-finite gradient in one chunk cannot leak into the next.
+            buf[:used].zero_()
+            ms, off = [], 0
+            for p in chunk[0]:
+                ms.append(buf[off:off + p.numel()])
+                off += p.numel()
+            tc.fused_adam_(
+                chunk[0], chunk[1], ms, chunk[2], [], [kstep] * len(ms), amsgrad=False, lr=lr,
+                beta1=0.0, beta2=alpha, weight_decay=weight_decay, eps=eps, maximize=maximize,
+                grad_scale=None, found_inf=None,
+            )
+            chunk, used = ([], [], []), 0
+
+        for j in flat:
+            p, g, v = ps[j].view(-1), gs[j].view(-1), vs[j].view(-1)
+            n, start = p.numel(), 0
+            while start < n:
+                if used == cap:
+                    flush()
+                k = min(n - start, cap - used)
+                chunk[0].append(p[start:start + k])
+                chunk[1].append(g[start:start + k])
+                chunk[2].append(v[start:start + k])
+                used += k
+                start += k
+        flush()
