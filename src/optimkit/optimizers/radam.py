@@ -30,8 +30,9 @@ counters of ``2**100`` makes its own corrections exactly 1 (``beta**(2**100) == 
 ``lr_k = lr * r_t * sqrt(1 - beta2^t) / (1 - beta1^t)`` makes its update
 ``theta -= lr_k * m_t / (sqrt(v_t) + eps)``, the rectified line above. Decoupled decay uses
 the AdamW kernel (``theta *= 1 - lr_k * wd_k``) with ``wd_k = lr * weight_decay / lr_k``.
-Tensors whose step is not rectified (the first steps, or a layer whose counter lags) take
-the foreach path; the rest go to the kernel in one call per distinct step value.
+Tensors whose step is not rectified (the first steps, or a layer whose counter lags), and
+non-contiguous ones, take the foreach path; the rest go to the kernel in one call per
+distinct step value.
 
 Reference:
     Liu et al., On the Variance of the Adaptive Learning Rate and Beyond,
@@ -270,9 +271,15 @@ def radam_fused(
     for (device, _), ((ps, gs, ms, vs, ss), _) in buckets.items():
         ts = advance_steps(ss)
         by_step: dict[float, list[int]] = {}
-        for j, t in enumerate(ts):
-            by_step.setdefault(t, []).append(j)
         off: list[int] = []
+        for j, t in enumerate(ts):
+            # torch 2.13's CPU kernel walks each tensor's memory linearly: a parameter whose
+            # layout differs from its gradient's (a transposed view) would be updated with
+            # the wrong elements, so anything not contiguous goes through foreach.
+            if all(x.is_contiguous() for x in (ps[j], gs[j], ms[j], vs[j])):
+                by_step.setdefault(t, []).append(j)
+            else:
+                off.append(j)
         kstep = None
         for t, idx in by_step.items():
             rect = _rectification(t, beta2)
