@@ -158,7 +158,7 @@ class OptimizerBase(torch.optim.Optimizer):
             params.append(p)
             grads.append(g)
         impl = resolve_impl(group.get("foreach"), group.get("fused"), self._has_fused, params,
-                            self._fused_broken, owner)
+                            self._fused_broken, owner, grads)
         return GroupWork(group, params, grads, [], impl)
 
     def _apply(self, works: list[GroupWork]) -> None:

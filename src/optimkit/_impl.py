@@ -42,23 +42,27 @@ def resolve_impl(
     tensors: Sequence[Tensor],
     fused_broken: Collection[tuple[str, torch.dtype]] = (),
     owner: str = "",
+    grads: Sequence[Tensor] = (),
 ) -> Impl:
     """Pick the implementation for one param group's tensors.
 
     ``fused_broken`` lists (device type, dtype) pairs on which the torch fused kernel is known
     to compute wrong results; those never run fused (an explicit ``fused=True`` falls back to
     foreach with a warning, since silently training wrong is worse than being slower).
+    The fused kernels also walk a parameter and its gradient as if they had the same memory
+    layout: a gradient assigned by hand with other strides (autograd never produces one) would
+    be read in the wrong order, so such groups run foreach too.
     """
-    broken = any((t.device.type, t.dtype) in fused_broken for t in tensors)
+    why = ""
+    if any((t.device.type, t.dtype) in fused_broken for t in tensors):
+        why = (f"torch {torch.__version__}'s fused kernel is wrong for "
+               f"{sorted({f'{d}/{str(t)[6:]}' for d, t in fused_broken})} tensors")
+    elif any(p.numel() > 1 and p.stride() != g.stride() for p, g in zip(tensors, grads)):
+        why = "a gradient's memory layout (strides) differs from its parameter's"
     if fused:
-        if broken:
-            warnings.warn(
-                f"{owner}: torch {torch.__version__}'s fused kernel is wrong for "
-                f"{sorted({f'{d}/{str(t)[6:]}' for d, t in fused_broken})} tensors; "
-                "using the foreach path instead",
-                RuntimeWarning,
-                stacklevel=4,
-            )
+        if why:
+            warnings.warn(f"{owner}: {why}; using the foreach path instead", RuntimeWarning,
+                          stacklevel=4)
             return "foreach"
         return "fused"
     if foreach is False:
@@ -67,7 +71,7 @@ def resolve_impl(
         return "foreach"
     # Default: torch's fused kernels are single-pass and reach the bandwidth floor on CPU
     # (measured in DESIGN.md); foreach is the multi-pass fallback.
-    if has_fused and fused is None and not broken and tc.fused_supported(tensors):
+    if has_fused and fused is None and not why and tc.fused_supported(tensors):
         return "fused"
     return "foreach"
 
