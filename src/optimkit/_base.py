@@ -54,6 +54,9 @@ class OptimizerBase(torch.optim.Optimizer):
     _has_fused: ClassVar[bool] = False
     #: (device type, dtype) pairs where torch's fused kernel is known to be wrong
     _fused_broken: ClassVar[frozenset[tuple[str, torch.dtype]]] = frozenset()
+    #: with no flags and no fused kernel, large CPU tensors run the per-tensor loop, which is
+    #: faster there than foreach (see _impl._large_cpu_tensors); Prodigy's foreach is not
+    _loop_on_cpu: ClassVar[bool] = True
     #: state["step"] is a 0-dim tensor as torch.optim keeps it (Prodigy: a Python int)
     _tensor_steps: ClassVar[bool] = False
     #: sparse gradients are handled (only Adagrad, as in torch)
@@ -158,7 +161,7 @@ class OptimizerBase(torch.optim.Optimizer):
             params.append(p)
             grads.append(g)
         impl = resolve_impl(group.get("foreach"), group.get("fused"), self._has_fused, params,
-                            self._fused_broken, owner, grads)
+                            self._fused_broken, owner, grads, self._loop_on_cpu)
         return GroupWork(group, params, grads, [], impl)
 
     def _apply(self, works: list[GroupWork]) -> None:

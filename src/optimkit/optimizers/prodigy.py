@@ -150,6 +150,9 @@ class Prodigy(OptimizerBase):
     Learner", 2023, arXiv:2306.06101.
     """
 
+    # Its foreach path (fused Adam kernel for phase 2) beats the loop at every size.
+    _loop_on_cpu = False
+
     def __init__(
         self,
         params: ParamsT,

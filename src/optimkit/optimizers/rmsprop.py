@@ -34,7 +34,7 @@ from torch import Tensor
 
 from .. import _torch_compat as tc
 from .._base import PARAM_SHAPE, SCALAR, GroupWork, OptimizerBase, ParamsT
-from .._impl import check_impl_flags, group_by_device_dtype
+from .._impl import resolve_impl, check_impl_flags, group_by_device_dtype
 from .._validation import check_bool, check_range
 
 #: elements of the fused path's scratch first-moment buffer per (device, dtype): small enough
@@ -174,7 +174,9 @@ class RMSprop(OptimizerBase):
         grad_avgs = [s["grad_avg"] for s in work.states] if centered else None
         impl = work.impl
         if impl == "fused" and not _fused_eligible(g):
-            impl = "foreach"
+            # No single-pass kernel for this group: the same policy as without one.
+            impl = resolve_impl(g.get("foreach"), False, False, work.params,
+                                loop_on_cpu=self._loop_on_cpu)
         if impl == "fused":
             rmsprop_fused(work.params, work.grads, steps, square_avgs, scratch=self._scratch,
                           lr=hp["lr"], alpha=hp["alpha"], eps=hp["eps"],
