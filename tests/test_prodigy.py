@@ -717,8 +717,6 @@ def test_fused_fast_path_matches_reference_float32(monkeypatch, kw):
 def test_fused_fast_path_only_for_float32_cpu_with_beta1():
     """float64 (prodigyopt parity to 1e-10), beta1 == 0 (no exp_avg), low precision (float32
     state) and the reference implementation keep the existing paths."""
-    import optimkit.optimizers.prodigy as prodigy_mod
-
     for dtype, kw, want in ((torch.float32, {}, True), (torch.float64, {}, False),
                             (torch.float32, dict(betas=(0.0, 0.99)), False),
                             (torch.bfloat16, {}, False), (torch.float32, dict(foreach=False), False)):
