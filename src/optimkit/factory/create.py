@@ -199,6 +199,15 @@ def _unknown_arg(owner: str, key: str, valid: Mapping[str, Any], lookahead: bool
 
 
 # ------------------------------------------------------------------------- coercion
+#: dtype spellings accepted where a parameter is a dtype (``state_dtype=bf16``)
+DTYPE_NAMES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "float64": torch.float64, "fp64": torch.float64, "double": torch.float64,
+}
+
+
 def _kinds(param: inspect.Parameter) -> set[str]:
     """What a value may be, from the annotation if there is one, else from the default.
 
@@ -221,13 +230,15 @@ def _kinds(param: inspect.Parameter) -> set[str]:
         return {"str"}
     if isinstance(d, (tuple, list)):
         return {"tuple"}
+    if isinstance(d, torch.dtype):
+        return {"dtype"}
     return {"any"}
 
 
 _HEADS = {
     "bool": "bool", "int": "int", "float": "float", "str": "str", "Tensor": "Tensor",
     "None": "None", "NoneType": "None", "tuple": "tuple", "Tuple": "tuple", "list": "tuple",
-    "List": "tuple", "Sequence": "tuple", "Iterable": "tuple",
+    "List": "tuple", "Sequence": "tuple", "Iterable": "tuple", "dtype": "dtype",
 }
 
 
@@ -264,11 +275,12 @@ def _expected(kinds: set[str], default: Any) -> str:
     words = {
         "bool": "True or False", "int": "an integer", "float": "a number", "str": "a string",
         "Tensor": "a tensor", "None": "None",
+        "dtype": f"a dtype ({', '.join(sorted(DTYPE_NAMES))})",
         "tuple": (f"a tuple of {len(default)} numbers" if isinstance(default, tuple) else "a tuple"),
     }
     if {"int", "float"} <= kinds:
         kinds = kinds - {"int"}
-    order = ("bool", "int", "float", "tuple", "str", "Tensor", "None")
+    order = ("bool", "int", "float", "tuple", "str", "dtype", "Tensor", "None")
     return " or ".join(words[k] for k in order if k in kinds)
 
 
@@ -281,6 +293,9 @@ def _coerce(owner: str, name: str, value: Any, param: inspect.Parameter) -> Any:
     if value is None:
         if "None" in kinds or default is None:
             return None
+    elif isinstance(value, torch.dtype):
+        if "dtype" in kinds:
+            return value
     elif isinstance(value, Tensor):
         if "Tensor" in kinds:
             return value
@@ -290,6 +305,11 @@ def _coerce(owner: str, name: str, value: Any, param: inspect.Parameter) -> Any:
     elif isinstance(value, str):
         if "str" in kinds:
             return value
+        if "dtype" in kinds:  # "bfloat16", "bf16", "torch.bfloat16"
+            dt = DTYPE_NAMES.get(value.strip().lower().removeprefix("torch."))
+            if dt is None:
+                fail(owner, name, value, _expected(kinds, default))
+            return dt
         # text given through a dict ({"lr": "1e-3"}): parse it like optimizer_args would
         try:
             parsed = parse_value(value)

@@ -159,6 +159,14 @@ _ADAM_HP_TAIL = (
     _maximize(), _foreach(), _fused(),
 )
 
+
+def _state_dtype(what: str) -> HyperParam:
+    return HyperParam("state_dtype", None, "None, float32, bfloat16 or float16",
+                      f"Dtype of {what}: None keeps the default; bfloat16 halves the state of "
+                      "float32 parameters, computing in float32 and writing back with unbiased "
+                      "stochastic rounding (see docs/performance.md for its measured effect).")
+
+
 _ADAM_TUNING = ("Tune lr first (log grid 1e-4..3e-3); beta2=0.99 or 0.95 reacts faster and is "
                 "more stable for transformers / noisy losses; leave eps unless using fp16.")
 
@@ -297,6 +305,8 @@ theta <- theta - lr * g / denom                               otherwise""",
             HyperParam("decoupled_weight_decay", False, "True or False",
                        "Apply weight_decay as AdamW does (theta *= 1 - lr*weight_decay) instead of "
                        "as an L2 term in the gradient."),
+            _state_dtype("the moments exp_avg, exp_avg_sq (and max_exp_avg_sq); None is the "
+                         "parameter's dtype"),
         ),
         when_to_use=("The robust default for most deep learning when little tuning time is "
                      "available; prefer AdamW when using weight decay."),
@@ -320,6 +330,8 @@ theta <- theta - lr * g / denom                               otherwise""",
             _eps(1e-8),
             _weight_decay(1e-2, decoupled=True),
             *_ADAM_HP_TAIL[1:],
+            _state_dtype("the moments exp_avg, exp_avg_sq (and max_exp_avg_sq); None is the "
+                         "parameter's dtype"),
         ),
         when_to_use=("Transformers, fine-tuning, diffusion models, anything trained with weight "
                      "decay; the safest general default."),

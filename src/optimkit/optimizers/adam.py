@@ -40,11 +40,12 @@ from torch import Tensor
 
 from .. import _torch_compat as tc
 from .._base import PARAM_SHAPE, SCALAR, GroupWork, OptimizerBase, ParamsT
-from .._impl import group_by_device_dtype
+from .._impl import _large_cpu_tensors, group_by_device_dtype
+from .._rounding import LowPrecisionStateMixin, chunk_budget, chunks, compute_dtype
 from .._validation import check_betas, check_bool, check_range
 
 
-class Adam(OptimizerBase):
+class Adam(LowPrecisionStateMixin, OptimizerBase):
     r"""Adam, optionally with AMSGrad and decoupled (AdamW-style) weight decay.
 
     Args:
@@ -63,6 +64,13 @@ class Adam(OptimizerBase):
         fused: ``True`` torch's fused single-pass kernel (the default when ``None`` and every
             tensor is a CPU/CUDA floating tensor).
         decoupled_weight_decay: apply weight decay to the parameter directly (AdamW).
+        state_dtype: dtype of ``exp_avg``, ``exp_avg_sq`` and ``max_exp_avg_sq``: ``None``
+            (default) the parameter's dtype, as torch.optim; ``torch.bfloat16`` or
+            ``torch.float16`` halve the state of float32 parameters (8 -> 4 bytes/param). Each
+            step then computes in float32 and writes the moments back with unbiased stochastic
+            rounding (generators seeded from torch's global RNG, saved in ``state_dict``).
+            Runs the foreach path (or the loop on large CPU tensors); ``fused=True`` with a
+            state dtype other than a parameter's dtype raises.
 
     Example:
         >>> model = torch.nn.Linear(3, 1)
@@ -88,7 +96,10 @@ class Adam(OptimizerBase):
         differentiable: bool = False,
         fused: bool | None = None,
         decoupled_weight_decay: bool = False,
+        state_dtype: torch.dtype | None = None,
     ) -> None:
+        # On the optimizer, not in the groups: torch.optim.Adam's group keys stay exactly its own.
+        self._setup_state_dtype(state_dtype)
         defaults = dict(
             lr=lr, betas=_as_tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
             maximize=maximize, foreach=foreach, capturable=capturable,
@@ -107,13 +118,52 @@ class Adam(OptimizerBase):
         check_bool(n, "maximize", g["maximize"])
         check_bool(n, "decoupled_weight_decay", g["decoupled_weight_decay"])
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        sd = self._state_dtype
+        params = param_group.get("params") if isinstance(param_group, dict) else None
+        if sd is not None and params is not None:
+            plist = [params] if isinstance(params, Tensor) else list(params)
+            param_group = {**param_group, "params": plist}
+            fused = param_group.get("fused", getattr(self, "defaults", {}).get("fused"))
+            dts = {(p[1] if isinstance(p, tuple) else p).dtype for p in plist}
+            if fused and any(dt != sd for dt in dts):
+                raise ValueError(
+                    f"{type(self).__name__}: invalid fused=True with state_dtype={sd}; torch's "
+                    f"fused kernel needs the state in the parameters' dtype "
+                    f"({', '.join(sorted(str(d) for d in dts))}). Leave fused unset (the "
+                    f"foreach path runs) or drop state_dtype"
+                )
+        super().add_param_group(param_group)
+
+    def _state_dtype_of(self, p: Tensor) -> torch.dtype:
+        return self._state_dtype or p.dtype
+
     def _init_state(self, group: dict[str, Any], p: Tensor, state: dict[str, Any]) -> None:
         # torch.optim's non-fused layout (a CPU counter), so checkpoints move both ways.
+        dt = self._state_dtype_of(p)
         state["step"] = torch.tensor(0.0, dtype=tc.scalar_dtype())
-        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
         if group["amsgrad"]:
-            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["max_exp_avg_sq"] = torch.zeros_like(p, dtype=dt,
+                                                       memory_format=torch.preserve_format)
+
+    def _gather(self, gi: int, group: dict[str, Any]) -> GroupWork:
+        work = super()._gather(gi, group)
+        if work.impl == "fused" and any(self._state_dtype_of(p) != p.dtype for p in work.params):
+            # torch's fused kernel takes one dtype for parameters and state: the default policy
+            # falls back as it does without a fused kernel (fused=True was refused earlier).
+            work.impl = "reference" if _large_cpu_tensors(work.params) else "foreach"
+        return work
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load ours or torch.optim's state_dict; moments are kept in this optimizer's
+        ``state_dtype`` whatever dtype they were saved in."""
+        state_dict = self._load_rounding_rng(state_dict)
+        super().load_state_dict(state_dict)
+        if self._state_dtype is not None:
+            self._recast_loaded_state(state_dict, ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
+                                      self._state_dtype_of)
 
     def _state_spec(self, group: dict[str, Any], p: Tensor) -> dict[str, Any]:
         spec = {"step": SCALAR, "exp_avg": PARAM_SHAPE, "exp_avg_sq": PARAM_SHAPE}
@@ -138,11 +188,37 @@ class Adam(OptimizerBase):
                     s["max_exp_avg_sq"] = torch.zeros_like(s["exp_avg_sq"])
             maxes = [s["max_exp_avg_sq"] for s in work.states]
         fn = {"reference": adam_reference, "foreach": adam_foreach, "fused": adam_fused}[work.impl]
+        if any(s["exp_avg"].dtype != p.dtype for p, s in zip(work.params, work.states)):
+            self._update_upcast(work, fn, hp)
+            return
         fn(
             work.params, work.grads,
             [s["exp_avg"] for s in work.states], [s["exp_avg_sq"] for s in work.states],
             maxes, [s["step"] for s in work.states], **hp,
         )
+
+
+    def _update_upcast(self, work: GroupWork, fn: Any, hp: dict[str, Any]) -> None:
+        """State in another dtype than the parameters (``state_dtype``): per chunk, upcast
+        parameters, gradients and moments to the compute dtype, run ``fn`` (the same math),
+        then write the parameters back (round to nearest, as a cast) and the moments back
+        (stochastically when narrower), tensor by tensor in input order so every
+        implementation draws the same random numbers."""
+        keys = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if hp["amsgrad"] else [])
+        for lo, hi in chunks(work.params, chunk_budget(work.params[0].device)):
+            ps, sts = work.params[lo:hi], work.states[lo:hi]
+            cds = [compute_dtype(p.dtype) for p in ps]
+            pw = [p.to(c) for p, c in zip(ps, cds)]  # the same tensor when already that dtype
+            gw = [g.to(c) for g, c in zip(work.grads[lo:hi], cds)]  # p.grad itself untouched
+            bufs = {k: [st[k].to(c) for st, c in zip(sts, cds)] for k in keys}
+            fn(pw, gw, bufs["exp_avg"], bufs["exp_avg_sq"], bufs.get("max_exp_avg_sq"),
+               [st["step"] for st in sts], **hp)
+            for i, (p, st) in enumerate(zip(ps, sts)):
+                if pw[i] is not p:
+                    p.copy_(pw[i])
+                for k in keys:
+                    if bufs[k][i] is not st[k]:
+                        self._round_into(st[k], bufs[k][i])
 
 
 class AdamW(Adam):
@@ -164,6 +240,7 @@ class AdamW(Adam):
         capturable: not supported (``True`` raises); present for signature compatibility.
         differentiable: not supported (``True`` raises); present for signature compatibility.
         fused: ``True`` torch's fused single-pass kernel.
+        state_dtype: dtype of the moment buffers (``None``: the parameter's); see :class:`Adam`.
 
     Example:
         >>> model = torch.nn.Linear(3, 1)
@@ -185,11 +262,12 @@ class AdamW(Adam):
         capturable: bool = False,
         differentiable: bool = False,
         fused: bool | None = None,
+        state_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(
             params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
             capturable=capturable, differentiable=differentiable, fused=fused,
-            decoupled_weight_decay=True,
+            decoupled_weight_decay=True, state_dtype=state_dtype,
         )
 
     def __setstate__(self, state: dict[str, Any]) -> None:
