@@ -460,6 +460,8 @@ theta <- theta - lr * delta""",
                        "Round float16/bfloat16 parameters stochastically (unbiased) when writing "
                        "the float32 result back; no effect on float32/64."),
             _foreach(),
+            _state_dtype("s, p0, exp_avg and exp_avg_sq; None is the parameter's dtype, float32 "
+                         "for float16/bfloat16 parameters"),
         ),
         when_to_use=("When you do not want to tune a learning rate: fine-tuning (LoRA, diffusion "
                      "models), new architectures, quick baselines; matches tuned Adam often."),

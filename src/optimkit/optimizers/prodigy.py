@@ -77,6 +77,7 @@ from torch import Tensor
 from .. import _torch_compat as tc
 from .._base import ANY, PARAM_SHAPE, SCALAR, GroupWork, OptimizerBase, ParamsT
 from .._impl import group_by_device_dtype
+from .._rounding import LowPrecisionStateMixin, chunk_budget, chunks, stochastic_round_
 from .._validation import check_betas, check_bool, check_range, fail
 
 try:  # DTensor (FSDP2) is optional: torch builds without distributed lack it
@@ -99,7 +100,7 @@ class NonFiniteStepError(FloatingPointError):
     """A Prodigy step met a NaN/inf statistic; nothing was changed."""
 
 
-class Prodigy(OptimizerBase):
+class Prodigy(LowPrecisionStateMixin, OptimizerBase):
     r"""Prodigy, a learning-rate-free Adam (prodigyopt-compatible). Equations: module docstring.
 
     Args:
@@ -139,6 +140,12 @@ class Prodigy(OptimizerBase):
             writing the float32 result back; uses torch's global RNG. No effect on float32/64.
         foreach: ``True`` multi-tensor path (one host sync per step), ``False`` the per-tensor
             reference, ``None`` (default) the multi-tensor path.
+        state_dtype: dtype of ``s``, ``p0``, ``exp_avg`` and ``exp_avg_sq``. ``None`` (default):
+            the parameter's dtype, float32 for float16/bfloat16 parameters. ``torch.bfloat16``
+            halves the state of float32 parameters (16 -> 8 bytes/param at ``slice_p=1``); each
+            step computes in float32 and writes the state back with unbiased stochastic
+            rounding (generators seeded from torch's global RNG, saved in ``state_dict``).
+            Runs the foreach path (not the fused phase 2).
 
     Example:
         >>> model = torch.nn.Linear(3, 1)
@@ -174,7 +181,10 @@ class Prodigy(OptimizerBase):
         nonfinite: str = "raise",
         stochastic_rounding: bool = False,
         foreach: bool | None = None,
+        state_dtype: torch.dtype | None = None,
     ) -> None:
+        # On the optimizer, not in the groups (prodigyopt's group keys stay exactly its own).
+        self._setup_state_dtype(state_dtype)
         defaults = dict(
             lr=lr, betas=betas, beta3=beta3, eps=eps, weight_decay=weight_decay,
             d=d0, d0=d0, d_max=d0, d_numerator=0.0, d_coef=d_coef, k=0,
@@ -262,8 +272,13 @@ class Prodigy(OptimizerBase):
             for pid, p in zip(saved.get("params", []), mine["params"]):
                 if p.dtype in _LOW_PRECISION:
                     low[pid] = p
+        state_dict = self._load_rounding_rng(state_dict)
         saved_state = state_dict.get("state", {})
         super().load_state_dict(state_dict)
+        if self._state_dtype is not None:
+            self._recast_loaded_state(state_dict, ("s", "p0", "exp_avg", "exp_avg_sq"),
+                                      self._state_dtype_of)
+            return
         # torch casts floating state to the parameter's dtype; ours is float32 for bf16/fp16
         # params, so take the saved values again (no double rounding through bf16).
         for pid, p in low.items():
@@ -275,9 +290,12 @@ class Prodigy(OptimizerBase):
                 if isinstance(v, Tensor):
                     st[key] = v.to(device=p.device, dtype=torch.float32, copy=True)
 
+    def _state_dtype_of(self, p: Tensor) -> torch.dtype:
+        return self._state_dtype or _stat_dtype(_local(p))
+
     def _init_state(self, group: dict[str, Any], p: Tensor, state: dict[str, Any]) -> None:
         pl = _local(p)
-        dt = _stat_dtype(pl)
+        dt = self._state_dtype_of(p)
         state["step"] = 0
         if _is_dtensor(p):
             # DTensors, so that torch.distributed.checkpoint saves every rank's part (it takes
@@ -292,7 +310,8 @@ class Prodigy(OptimizerBase):
             # Full copy for now; replaced by a 0-dim zero after the step's one host sync if the
             # parameter turns out to be all zeros (prodigyopt's memory saving, decided without
             # a sync of its own).
-            state["p0"] = torch.empty(sliced.shape, dtype=dt, device=pl.device).copy_(sliced)
+            state["p0"] = torch.empty(sliced.shape, dtype=dt, device=pl.device)
+            self._round_into(state["p0"], sliced.to(_stat_dtype(pl)))
         if self.param_groups[0]["betas"][0] > 0:
             state["exp_avg"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
         state["exp_avg_sq"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
@@ -435,6 +454,11 @@ class Prodigy(OptimizerBase):
             )
             return
         fn = prodigy_apply_reference if w.impl == "reference" else prodigy_apply_foreach
+        if any(st["exp_avg_sq"].dtype != _stat_dtype(_local(p))
+               for p, st in zip(w.params, w.states)):
+            self._phase2_upcast(w, fn, beta1, beta2, beta3, d, d_new, dlr,
+                                update_params=update_params)
+            return
         fn(
             [_local(p) for p in w.params], [_local(g) for g in w.grads],
             [_sliced_local(st["s"], p, grp["slice_p"]) for p, st in zip(w.params, w.states)],
@@ -445,6 +469,33 @@ class Prodigy(OptimizerBase):
             decoupled_wd=float(grp["weight_decay"]) if self.param_groups[0]["decouple"] else 0.0,
             stochastic_rounding=grp["stochastic_rounding"], update_params=update_params,
         )
+
+    def _phase2_upcast(self, w: GroupWork, fn: Any, beta1: float, beta2: float, beta3: float,
+                       d: float, d_new: float, dlr: float, *, update_params: bool) -> None:
+        """Phase 2 with state in a narrower dtype (``state_dtype``): per chunk, upcast ``s``,
+        ``m`` and ``v`` to the compute dtype, run ``fn`` (the same math), then write them back
+        with stochastic rounding, tensor by tensor in input order so that every implementation
+        draws the same random numbers."""
+        grp = w.group
+        sp = grp["slice_p"]
+        decoupled = float(grp["weight_decay"]) if self.param_groups[0]["decouple"] else 0.0
+        params = [_local(p) for p in w.params]
+        stored = {"s": [_sliced_local(st["s"], p, sp) for p, st in zip(w.params, w.states)],
+                  "exp_avg_sq": [_local(st["exp_avg_sq"]) for st in w.states]}
+        if beta1 > 0:
+            stored["exp_avg"] = [_local(st["exp_avg"]) for st in w.states]
+        for lo, hi in chunks(params, chunk_budget(params[0].device)):
+            cds = [_stat_dtype(p) for p in params[lo:hi]]
+            work = {k: [t.to(c) for t, c in zip(v[lo:hi], cds)] for k, v in stored.items()}
+            fn(params[lo:hi], [_local(g) for g in w.grads[lo:hi]], work["s"],
+               work.get("exp_avg"), work["exp_avg_sq"], **self._s_hp(grp, beta3, d, dlr),
+               beta1=beta1, beta2=beta2, d=d, d_new=d_new, dlr=dlr, eps=float(grp["eps"]),
+               decoupled_wd=decoupled, stochastic_rounding=grp["stochastic_rounding"],
+               update_params=update_params)
+            for i in range(hi - lo):
+                for k in ("s", "exp_avg", "exp_avg_sq"):
+                    if k in work and work[k][i] is not stored[k][lo + i]:
+                        self._round_into(stored[k][lo + i], work[k][i])
 
     # ------------------------------------------------------------------ helpers
     def _global_sums(self, pieces: list[tuple[Any, Any, Any]], fresh: list[Tensor], c_num: float,
@@ -539,6 +590,7 @@ def prodigy_stats_reference(
             p, g = p.float(), g.float()
         if coupled_wd != 0:
             g = g.add(p, alpha=coupled_wd)  # g + wd * theta, in a new tensor
+        s_, p0_ = s_.to(p.dtype), p0_.to(p.dtype)  # narrower state_dtype: compute upcast
         g_sl = g.flatten()[::slice_p]
         dots.append(torch.dot(g_sl, p0_ - p.flatten()[::slice_p]).item())  # r increment / c
         l1s.append(s_.mul(beta3).add_(g_sl, alpha=c_s).abs().sum().item())  # ||s'||_1 term
@@ -567,6 +619,7 @@ def prodigy_stats_foreach(
             p_sl, g_sl = p_sl.float(), g_sl.float()
         if coupled_wd != 0:
             g_sl = g_sl.add(p_sl, alpha=coupled_wd)  # a new tensor: p.grad untouched
+        s_, p0_ = s_.to(p_sl.dtype), p0_.to(p_sl.dtype)  # narrower state_dtype: compute upcast
         dots.append(torch.dot(g_sl, p0_ - p_sl))
         l1s.append(torch.mul(s_, beta3).add_(g_sl, alpha=c_s).abs_().sum())
     chk = torch.zeros((), dtype=acc, device=dev)
@@ -657,7 +710,7 @@ def prodigy_apply_foreach(
             if low:
                 if stochastic_rounding:
                     for p, t in zip(ps, thetas):
-                        _stochastic_round_(p, t)
+                        stochastic_round_(p, t)
                 else:
                     tc.foreach_copy_(ps, thetas)
 
@@ -807,23 +860,9 @@ def _chunks(tensors: list[Tensor]) -> list[tuple[int, int]]:
 
 def _write_back(p: Tensor, value: Tensor, stochastic: bool) -> None:
     if stochastic:
-        _stochastic_round_(p, value)
+        stochastic_round_(p, value)
     else:
         p.copy_(value)  # round to nearest
-
-
-def _stochastic_round_(dst: Tensor, src: Tensor) -> None:
-    """Write float32 ``src`` into low-precision ``dst``, unbiased: E[dst] == src.
-
-    ``src`` lies between its nearest representable value and the neighbour on its other side;
-    the neighbour is chosen with probability equal to the fraction of the gap ``src`` covers.
-    """
-    near = src.to(dst.dtype)
-    nf = near.float()
-    inf = torch.full_like(near, math.inf)
-    other = torch.nextafter(near, torch.where(nf < src, inf, -inf))
-    p_other = (src - nf).abs() / (other.float() - nf).abs()  # NaN at inf: keeps ``near``
-    dst.copy_(torch.where(torch.rand_like(src) < p_other, other, near))
 
 
 def _locate_nonfinite(groups: list[dict[str, Any]], active: list[GroupWork]) -> str:
