@@ -192,16 +192,20 @@ def test_factory_parses_dtype_strings():
 
 # -------------------------------------------------------------------------------- Prodigy
 @pytest.mark.parametrize("slice_p", [1, 3])
-def test_prodigy_state_is_bf16_and_half_the_bytes(slice_p):
+def test_prodigy_state_is_bf16_except_p0(slice_p):
+    """s, exp_avg and exp_avg_sq in bf16; p0 keeps float32 (d is estimated from p0 - p, which
+    bf16 rounding of p0 swamps: measured on the cnn task, val accuracy 0.54 vs 0.987)."""
     kw = dict(slice_p=slice_p)
     _, o32, _ = harness.run(_make("prodigy", **kw), dtype=torch.float32, steps=3, events=False)
     _, o16, _ = harness.run(_make("prodigy", state_dtype=BF16, **kw), dtype=torch.float32,
                             steps=3, events=False)
     for st in o16.state.values():
-        assert all(st[k].dtype == BF16 for k in ("s", "p0", "exp_avg", "exp_avg_sq"))
-    assert _state_bytes(o16) * 2 == _state_bytes(o32)
-    if slice_p == 1:  # per parameter (the empty one keeps a 0-dim p0): 16 -> 8 bytes/param
-        for o, per in ((o32, 16), (o16, 8)):
+        assert all(st[k].dtype == BF16 for k in ("s", "exp_avg", "exp_avg_sq"))
+        assert st["p0"].dtype == torch.float32
+    p0_bytes = sum(st["p0"].numel() * 4 for st in o32.state.values())
+    assert _state_bytes(o16) * 2 == _state_bytes(o32) + p0_bytes
+    if slice_p == 1:  # per parameter (the empty one keeps a 0-dim p0): 16 -> 10 bytes/param
+        for o, per in ((o32, 16), (o16, 10)):
             w = o.param_groups[0]["params"][0]
             st = o.state[w]
             assert sum(v.numel() * v.element_size() for k, v in st.items() if k != "step") \

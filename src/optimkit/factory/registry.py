@@ -162,7 +162,7 @@ _ADAM_HP_TAIL = (
 
 def _state_dtype(what: str) -> HyperParam:
     return HyperParam("state_dtype", None, "None, float32, bfloat16 or float16",
-                      f"Dtype of {what}: None keeps the default; bfloat16 halves the state of "
+                      f"Dtype of {what}: None keeps the default; bfloat16 halves those buffers for "
                       "float32 parameters, computing in float32 and writing back with unbiased "
                       "stochastic rounding (see docs/performance.md for its measured effect).")
 
@@ -460,8 +460,9 @@ theta <- theta - lr * delta""",
                        "Round float16/bfloat16 parameters stochastically (unbiased) when writing "
                        "the float32 result back; no effect on float32/64."),
             _foreach(),
-            _state_dtype("s, p0, exp_avg and exp_avg_sq; None is the parameter's dtype, float32 "
-                         "for float16/bfloat16 parameters"),
+            _state_dtype("s, exp_avg and exp_avg_sq (p0 keeps float32: d needs p0 - p "
+                         "exactly; None is the parameter's dtype, float32 for float16/bfloat16 "
+                         "parameters)"),
         ),
         when_to_use=("When you do not want to tune a learning rate: fine-tuning (LoRA, diffusion "
                      "models), new architectures, quick baselines; matches tuned Adam often."),
