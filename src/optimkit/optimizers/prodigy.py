@@ -853,16 +853,7 @@ def prodigy_apply_fused(
 
 def _chunks(tensors: list[Tensor]) -> list[tuple[int, int]]:
     """Consecutive index ranges whose float32-equivalent size stays within the chunk budget."""
-    budget = _CHUNK_BYTES.get(tensors[0].device.type, _CHUNK_BYTES_DEFAULT)
-    out, lo, size = [], 0, 0
-    for i, t in enumerate(tensors):
-        nbytes = t.numel() * max(t.element_size(), 4)
-        if i > lo and size + nbytes > budget:
-            out.append((lo, i))
-            lo, size = i, 0
-        size += nbytes
-    out.append((lo, len(tensors)))
-    return out
+    return chunks(tensors, _CHUNK_BYTES.get(tensors[0].device.type, _CHUNK_BYTES_DEFAULT))
 
 
 def _write_back(p: Tensor, value: Tensor, stochastic: bool) -> None:
