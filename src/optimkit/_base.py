@@ -57,6 +57,10 @@ class OptimizerBase(torch.optim.Optimizer):
     #: with no flags and no fused kernel, large CPU tensors run the per-tensor loop, which is
     #: faster there than foreach (see _impl._large_cpu_tensors); Prodigy's foreach is not
     _loop_on_cpu: ClassVar[bool] = True
+    #: False where torch's class of the same name has no "fused" param-group key (RMSprop,
+    #: RAdam): the choice is then held on the optimizer, so group keys (and state_dicts) stay
+    #: torch's, and it survives pickling
+    _fused_in_group: ClassVar[bool] = True
     #: state["step"] is a 0-dim tensor as torch.optim keeps it (Prodigy: a Python int)
     _tensor_steps: ClassVar[bool] = False
     #: sparse gradients are handled (only Adagrad, as in torch)
@@ -66,6 +70,8 @@ class OptimizerBase(torch.optim.Optimizer):
         owner = type(self).__name__
         check_impl_flags(owner, defaults.get("foreach"), defaults.get("fused"), self._has_fused)
         _refuse_unsupported(owner, defaults)
+        if not self._fused_in_group:
+            self._fused = defaults.pop("fused", None)
         if isinstance(params, Tensor):
             raise TypeError(
                 f"{owner}: params must be an iterable of Tensors or dicts, got a single Tensor; "
@@ -89,6 +95,10 @@ class OptimizerBase(torch.optim.Optimizer):
 
     def _update(self, work: GroupWork) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def _fused_applies(self, group: dict[str, Any]) -> bool:
+        """Whether the fused path covers this group's options (RMSprop: not centered, ...)."""
+        return True
 
     # ------------------------------------------------------------------- param groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -115,6 +125,12 @@ class OptimizerBase(torch.optim.Optimizer):
         _refuse_unsupported(owner, merged)
         self._validate_group(merged)
         super().add_param_group(param_group)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        if not self._fused_in_group:  # torch pickles only defaults, state and param_groups
+            state["_fused"] = getattr(self, "_fused", None)
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -160,7 +176,11 @@ class OptimizerBase(torch.optim.Optimizer):
                 )
             params.append(p)
             grads.append(g)
-        impl = resolve_impl(group.get("foreach"), group.get("fused"), self._has_fused, params,
+        fused = group.get("fused") if self._fused_in_group else getattr(self, "_fused", None)
+        has_fused = self._has_fused and self._fused_applies(group)
+        if not has_fused:
+            fused = None  # no kernel for this group's options: the policy as without one
+        impl = resolve_impl(group.get("foreach"), fused, has_fused, params,
                             self._fused_broken, owner, grads, self._loop_on_cpu)
         return GroupWork(group, params, grads, [], impl)
 

@@ -45,6 +45,19 @@ FUSED_DEVICE_TYPES = ("cpu", "cuda")
 FUSED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
+def fused_adam_unit_step(device: torch.device) -> Tensor:
+    """A step counter at which torch's fused Adam kernels apply no bias correction.
+
+    RMSprop, RAdam and Prodigy run their update through ``fused_adam_`` / ``fused_adamw_``
+    with the bias corrections folded into lr (or absent); at step 2**100 every
+    ``1 - beta**step`` is exactly 1 for any beta < 1 in double precision. The CPU kernel reads
+    its counters on the host, the CUDA one as float32 on the device; one tensor can serve
+    every parameter of a call.
+    """
+    return torch.tensor(2.0**100, dtype=torch.float32,
+                        device=None if device.type == "cpu" else device)
+
+
 def scalar_dtype() -> torch.dtype:
     """dtype torch.optim uses for its 0-dim ``step`` counters (float64 under a float64 default)."""
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32

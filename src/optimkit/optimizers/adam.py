@@ -314,15 +314,8 @@ def adam_reference(
         m, v = exp_avgs[i], exp_avg_sqs[i]
         steps[i].add_(1)
         t = float(steps[i])
-        if maximize:
-            g = -g
-        if weight_decay != 0:
-            if decoupled_weight_decay:
-                p.mul_(1 - lr * weight_decay)  # theta <- theta (1 - lr lambda)
-            else:
-                g = g.add(p, alpha=weight_decay)  # g <- g + lambda theta
-        m.lerp_(g, 1 - beta1)  # m_t = beta1 m + (1 - beta1) g
-        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)  # v_t = beta2 v + (1 - beta2) g^2
+        adam_moments_(p, g, m, v, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
+                      maximize=maximize, decoupled_weight_decay=decoupled_weight_decay)
         bias_correction1 = 1 - beta1**t
         bias_correction2 = 1 - beta2**t
         if amsgrad:
@@ -332,6 +325,42 @@ def adam_reference(
             v = vmax
         denom = (v.sqrt() / bias_correction2**0.5).add_(eps)  # sqrt(v_hat) + eps
         p.addcdiv_(m, denom, value=-lr / bias_correction1)  # theta -= lr m_hat / denom
+
+
+def adam_moments_(
+    p: Tensor, g: Tensor, m: Tensor, v: Tensor, *, lr: float, beta1: float, beta2: float,
+    weight_decay: float, maximize: bool, decoupled_weight_decay: bool,
+) -> None:
+    """The part Adam and RAdam share, for one tensor: sign, weight decay, both moments."""
+    if maximize:
+        g = -g
+    if weight_decay != 0:
+        if decoupled_weight_decay:
+            p.mul_(1 - lr * weight_decay)  # theta <- theta (1 - lr lambda)
+        else:
+            g = g.add(p, alpha=weight_decay)  # g <- g + lambda theta
+    m.lerp_(g, 1 - beta1)  # m_t = beta1 m + (1 - beta1) g
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)  # v_t = beta2 v + (1 - beta2) g^2
+
+
+def adam_moments_foreach_(
+    ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], vs: list[Tensor], *, lr: float,
+    beta1: float, beta2: float, weight_decay: float, maximize: bool,
+    decoupled_weight_decay: bool,
+) -> None:
+    """``adam_moments_`` over one (device, dtype) bucket; temporaries die on return."""
+    if maximize:
+        gs = tc.foreach_neg(gs)
+    if weight_decay != 0:
+        if decoupled_weight_decay:
+            tc.foreach_mul_(ps, 1 - lr * weight_decay)
+        elif maximize:
+            tc.foreach_add_(gs, ps, alpha=weight_decay)  # gs is already our own copy
+        else:
+            gs = tc.foreach_add(gs, ps, alpha=weight_decay)
+    tc.foreach_lerp_(ms, gs, 1 - beta1)
+    tc.foreach_mul_(vs, beta2)
+    tc.foreach_addcmul_(vs, gs, gs, 1 - beta2)
 
 
 def adam_foreach(
@@ -348,19 +377,10 @@ def adam_foreach(
     for blists, _ in group_by_device_dtype(*lists).values():
         ps, gs, ms, vs, ss = blists[:5]
         ts = advance_steps(ss)
-        if maximize:
-            gs = tc.foreach_neg(gs)
-        if weight_decay != 0:
-            if decoupled_weight_decay:
-                tc.foreach_mul_(ps, 1 - lr * weight_decay)
-            elif maximize:
-                tc.foreach_add_(gs, ps, alpha=weight_decay)  # gs is already our own copy
-            else:
-                gs = tc.foreach_add(gs, ps, alpha=weight_decay)
-        tc.foreach_lerp_(ms, gs, 1 - beta1)
-        tc.foreach_mul_(vs, beta2)
-        tc.foreach_addcmul_(vs, gs, gs, 1 - beta2)
-        del gs  # free the maximize / weight-decay temporaries before allocating denom
+        # (the maximize / weight-decay temporaries are freed before denom is allocated)
+        adam_moments_foreach_(ps, gs, ms, vs, lr=lr, beta1=beta1, beta2=beta2,
+                              weight_decay=weight_decay, maximize=maximize,
+                              decoupled_weight_decay=decoupled_weight_decay)
         if amsgrad:
             vmax = blists[5]
             tc.foreach_maximum_(vmax, vs)

@@ -728,9 +728,6 @@ _FAST_DTYPES = (torch.float32,)
 _FAST_DEVICES = ("cpu",)
 _FAST_D_RANGE = (1e-30, 1e30)
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
-#: a step count at which the fused kernel's bias corrections 1 - beta^step are exactly 1
-#: (beta < 1 in double precision: beta^1e9 underflows to 0), so it applies Prodigy's dlr as is
-_NO_BIAS_CORRECTION_STEP = 1e9
 
 
 def prodigy_stats_fast(
@@ -816,7 +813,7 @@ def prodigy_apply_fused(
     """Phase 2 through torch's single-pass fused Adam(W) kernel (beta1 > 0, one dtype).
 
     The kernel computes, with ``grad_scale = 1/d``, ``lr = dlr``, ``eps = d' * eps`` and bias
-    corrections of exactly 1 (``_NO_BIAS_CORRECTION_STEP``)::
+    corrections of exactly 1 (``_torch_compat.fused_adam_unit_step``)::
 
         theta = theta - (dlr * wd) * theta      (decoupled: a foreach op before the kernel)
         gk    = g / (1/d)  (+ (d * wd) * theta when coupled: gk = d * (g + wd * theta))
@@ -831,7 +828,7 @@ def prodigy_apply_fused(
     """
     dev = params[0].device
     inv_d = torch.tensor(1.0 / d, dtype=torch.float32, device=dev)
-    step = torch.tensor(_NO_BIAS_CORRECTION_STEP, dtype=torch.float32, device=dev)
+    step = tc.fused_adam_unit_step(dev)
     for lo, hi in _chunks(params):
         ps, gs = params[lo:hi], grads[lo:hi]
         tc.foreach_mul_(s[lo:hi], beta3)

@@ -48,9 +48,9 @@ from torch import Tensor
 
 from .. import _torch_compat as tc
 from .._base import PARAM_SHAPE, SCALAR, GroupWork, OptimizerBase, ParamsT
-from .._impl import check_impl_flags, group_by_device_dtype
+from .._impl import group_by_device_dtype
 from .._validation import check_betas, check_bool, check_range
-from .adam import _as_tuple, advance_steps
+from .adam import _as_tuple, adam_moments_, adam_moments_foreach_, advance_steps
 
 
 class RAdam(OptimizerBase):
@@ -81,6 +81,7 @@ class RAdam(OptimizerBase):
 
     _tensor_steps = True
     _has_fused = True
+    _fused_in_group = False  # torch.optim's class has no "fused" group key
 
     def __init__(
         self,
@@ -97,14 +98,11 @@ class RAdam(OptimizerBase):
         differentiable: bool = False,
         fused: bool | None = None,
     ) -> None:
-        # torch.optim.RAdam has no ``fused`` keyword: keep it out of the param groups so their
-        # keys stay torch's (state_dicts move both ways), and hold the choice on the optimizer.
-        check_impl_flags(type(self).__name__, foreach, fused, self._has_fused)
-        self._fused = fused
         defaults = dict(
             lr=lr, betas=_as_tuple(betas), eps=eps, weight_decay=weight_decay, maximize=maximize,
             foreach=foreach, capturable=capturable,
             decoupled_weight_decay=decoupled_weight_decay, differentiable=differentiable,
+            fused=fused,
         )
         super().__init__(params, defaults)
 
@@ -116,14 +114,6 @@ class RAdam(OptimizerBase):
         check_range(n, "weight_decay", g["weight_decay"], 0.0)
         check_bool(n, "decoupled_weight_decay", g["decoupled_weight_decay"])
         check_bool(n, "maximize", g["maximize"])
-
-    def __getstate__(self) -> dict[str, Any]:
-        # torch.optim pickles only defaults/state/param_groups; keep the user's fused choice.
-        return {**super().__getstate__(), "_fused": getattr(self, "_fused", None)}
-
-    def _gather(self, gi: int, group: dict[str, Any]) -> GroupWork:
-        fused = getattr(self, "_fused", None)
-        return super()._gather(gi, group if fused is None else {**group, "fused": fused})
 
     def _init_state(self, group: dict[str, Any], p: Tensor, state: dict[str, Any]) -> None:
         # torch.optim's non-capturable layout (a CPU counter), so checkpoints move both ways.
@@ -174,15 +164,9 @@ def radam_reference(
         m, v = exp_avgs[i], exp_avg_sqs[i]
         steps[i].add_(1)
         t = float(steps[i])
-        if maximize:
-            g = -g
-        if weight_decay != 0:
-            if decoupled_weight_decay:
-                p.mul_(1 - lr * weight_decay)  # theta <- theta (1 - lr lambda)
-            else:
-                g = g.add(p, alpha=weight_decay)  # g <- g + lambda theta
-        m.lerp_(g, 1 - beta1)  # m_t = beta1 m + (1 - beta1) g
-        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)  # v_t = beta2 v + (1 - beta2) g^2
+        # the moments are Adam's (adam_moments_: sign, weight decay, m_t, v_t)
+        adam_moments_(p, g, m, v, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
+                      maximize=maximize, decoupled_weight_decay=decoupled_weight_decay)
         bias_correction1 = 1 - beta1**t  # m_hat = m_t / bias_correction1
         rect = _rectification(t, beta2)
         if rect is None:
@@ -222,18 +206,9 @@ def _radam_foreach_advanced(
     """The foreach update of one (device, dtype) bucket whose counters already read ``ts``."""
     if not ps:
         return
-    if maximize:
-        gs = tc.foreach_neg(gs)
-    if weight_decay != 0:
-        if decoupled_weight_decay:
-            tc.foreach_mul_(ps, 1 - lr * weight_decay)
-        elif maximize:
-            tc.foreach_add_(gs, ps, alpha=weight_decay)  # gs is already our own copy
-        else:
-            gs = tc.foreach_add(gs, ps, alpha=weight_decay)
-    tc.foreach_lerp_(ms, gs, 1 - beta1)
-    tc.foreach_mul_(vs, beta2)
-    tc.foreach_addcmul_(vs, gs, gs, 1 - beta2)
+    adam_moments_foreach_(ps, gs, ms, vs, lr=lr, beta1=beta1, beta2=beta2,
+                          weight_decay=weight_decay, maximize=maximize,
+                          decoupled_weight_decay=decoupled_weight_decay)
     del gs
     rects = [_rectification(t, beta2) for t in ts]
     on = [j for j, r in enumerate(rects) if r is not None]
@@ -250,8 +225,6 @@ def _radam_foreach_advanced(
         tc.foreach_add_([ps[j] for j in off], upd)
 
 
-#: step counter handed to the fused kernel so that 1 - beta**step == 1 exactly (beta < 1)
-_NO_BIAS_CORRECTION_STEP = 2.0**100
 
 
 def radam_fused(
@@ -291,10 +264,7 @@ def radam_fused(
             wd_k = lr * weight_decay / lr_k if decoupled_weight_decay and lr_k > 0 else (
                 0.0 if decoupled_weight_decay else weight_decay)
             if kstep is None:
-                # The CPU kernel reads its counters on the host, the CUDA one as float32 on
-                # the device; every tensor can share one.
-                kstep = torch.tensor(_NO_BIAS_CORRECTION_STEP, dtype=torch.float32,
-                                     device=None if device.type == "cpu" else device)
+                kstep = tc.fused_adam_unit_step(device)
             kernel(
                 [ps[j] for j in idx], [gs[j] for j in idx], [ms[j] for j in idx],
                 [vs[j] for j in idx], [], [kstep] * len(idx), amsgrad=False, lr=lr_k,

@@ -34,15 +34,13 @@ from torch import Tensor
 
 from .. import _torch_compat as tc
 from .._base import PARAM_SHAPE, SCALAR, GroupWork, OptimizerBase, ParamsT
-from .._impl import resolve_impl, check_impl_flags, group_by_device_dtype
+from .._impl import group_by_device_dtype
 from .._validation import check_bool, check_range
 
 #: elements of the fused path's scratch first-moment buffer per (device, dtype): small enough
 #: to stay in cache and to cost nothing in memory, large enough that a kernel call is long
 #: compared with its launch/OpenMP overhead.
 SCRATCH_NUMEL = 1 << 18
-#: step counter handed to the fused kernel so that 1 - beta**step == 1 exactly (beta < 1)
-_NO_BIAS_CORRECTION_STEP = 2.0**100
 
 
 class RMSprop(OptimizerBase):
@@ -80,6 +78,7 @@ class RMSprop(OptimizerBase):
 
     _tensor_steps = True
     _has_fused = True
+    _fused_in_group = False  # torch.optim's class has no "fused" group key
 
     def __init__(
         self,
@@ -97,14 +96,10 @@ class RMSprop(OptimizerBase):
         *,
         fused: bool | None = None,
     ) -> None:
-        # torch.optim.RMSprop's param groups have no "fused" key; keep theirs exactly (so
-        # state_dicts move both ways) and hold the choice on the optimizer instead.
-        check_impl_flags(type(self).__name__, foreach, fused, self._has_fused)
-        self._fused = fused
         defaults = dict(
             lr=lr, momentum=momentum, alpha=alpha, eps=eps, centered=centered,
             weight_decay=weight_decay, capturable=capturable, foreach=foreach,
-            maximize=maximize, differentiable=differentiable,
+            maximize=maximize, differentiable=differentiable, fused=fused,
         )
         super().__init__(params, defaults)
 
@@ -118,11 +113,6 @@ class RMSprop(OptimizerBase):
         check_bool(n, "centered", g["centered"])
         check_bool(n, "maximize", g["maximize"])
 
-    def __getstate__(self) -> dict[str, Any]:
-        # torch.optim pickles only defaults/state/param_groups; keep the user's fused choice
-        # (the scratch buffer is not kept: it is rebuilt on the next step).
-        return {**super().__getstate__(), "_fused": getattr(self, "_fused", None)}
-
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         g = self.param_groups[-1]
@@ -134,9 +124,8 @@ class RMSprop(OptimizerBase):
                 RuntimeWarning, stacklevel=3,
             )
 
-    def _gather(self, gi: int, group: dict[str, Any]) -> GroupWork:
-        fused = getattr(self, "_fused", None)
-        return super()._gather(gi, group if fused is None else {**group, "fused": fused})
+    def _fused_applies(self, group: dict[str, Any]) -> bool:
+        return _fused_eligible(group)
 
     def _init_state(self, group: dict[str, Any], p: Tensor, state: dict[str, Any]) -> None:
         state["step"] = torch.tensor(0.0, dtype=tc.scalar_dtype())
@@ -173,10 +162,6 @@ class RMSprop(OptimizerBase):
         bufs = [s["momentum_buffer"] for s in work.states] if use_buf else None
         grad_avgs = [s["grad_avg"] for s in work.states] if centered else None
         impl = work.impl
-        if impl == "fused" and not _fused_eligible(g):
-            # No single-pass kernel for this group: the same policy as without one.
-            impl = resolve_impl(g.get("foreach"), False, False, work.params,
-                                loop_on_cpu=self._loop_on_cpu)
         if impl == "fused":
             rmsprop_fused(work.params, work.grads, steps, square_avgs, scratch=self._scratch,
                           lr=hp["lr"], alpha=hp["alpha"], eps=hp["eps"],
@@ -309,9 +294,7 @@ def rmsprop_fused(
         _increment([ts[j] for j in flat])
         buf = scratch(device, dtype)
         cap = buf.numel()
-        # The kernel reads its counters on the host on CPU, as float32 on the device on CUDA.
-        kstep = torch.tensor(_NO_BIAS_CORRECTION_STEP, dtype=torch.float32,
-                             device=None if device.type == "cpu" else device)
+        kstep = tc.fused_adam_unit_step(device)
         chunk: tuple[list[Tensor], list[Tensor], list[Tensor]] = ([], [], [])
         used = 0
 
