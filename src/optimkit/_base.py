@@ -19,14 +19,16 @@ buffer, so a step that cannot be taken leaves everything exactly as it was.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from ._flatten import FlatBucket, build_buckets, dissolve_warning
 from ._impl import Impl, check_impl_flags, resolve_impl
 from ._torch_compat import scalar_dtype
+from ._validation import check_bool
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]]
 
@@ -45,6 +47,9 @@ class GroupWork:
     grads: list[Tensor]
     states: list[dict[str, Any]]
     impl: Impl
+    #: flat buckets stepped as chunks this step (``flat=True``): their chunk tensors follow the
+    #: per-tensor parameters in ``params``/``grads``; with the gradients to copy in first
+    buckets: list[tuple[FlatBucket, list[int]]] = field(default_factory=list)
 
 
 class OptimizerBase(torch.optim.Optimizer):
@@ -66,8 +71,12 @@ class OptimizerBase(torch.optim.Optimizer):
     #: sparse gradients are handled (only Adagrad, as in torch)
     _supports_sparse: ClassVar[bool] = False
 
-    def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
+    def __init__(self, params: ParamsT, defaults: dict[str, Any], *, flat: bool = False) -> None:
         owner = type(self).__name__
+        check_bool(owner, "flat", flat)
+        # Held on the optimizer, not in the groups, so group keys stay torch.optim's.
+        self._flat = flat
+        self._buckets: dict[int, list[FlatBucket]] = {}
         check_impl_flags(owner, defaults.get("foreach"), defaults.get("fused"), self._has_fused)
         _refuse_unsupported(owner, defaults)
         if not self._fused_in_group:
@@ -125,6 +134,9 @@ class OptimizerBase(torch.optim.Optimizer):
         _refuse_unsupported(owner, merged)
         self._validate_group(merged)
         super().add_param_group(param_group)
+        if self._flat:
+            gi = len(self.param_groups) - 1
+            self._buckets[gi] = build_buckets(self.param_groups[gi]["params"])
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -134,6 +146,10 @@ class OptimizerBase(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        # A copy (pickle, deepcopy) steps per tensor: its parameters are new tensors that no
+        # longer share the original's flat buffers.
+        self._flat = False
+        self._buckets = {}
         # Checkpoints written before a key existed still load: fill in today's defaults.
         for group in self.param_groups:
             for k, v in self.defaults.items():
@@ -160,9 +176,10 @@ class OptimizerBase(torch.optim.Optimizer):
     def _gather(self, gi: int, group: dict[str, Any]) -> GroupWork:
         owner = type(self).__name__
         params, grads = [], []
+        flat_work, skip = self._plan_buckets(gi, group)
         for pi, p in enumerate(group["params"]):
             g = p.grad
-            if g is None:
+            if g is None or id(p) in skip:
                 continue
             if g.is_sparse and not self._supports_sparse:
                 raise RuntimeError(
@@ -176,13 +193,37 @@ class OptimizerBase(torch.optim.Optimizer):
                 )
             params.append(p)
             grads.append(g)
+        for b, _ in flat_work:
+            params.extend(b.chunk_p)
+            grads.extend(b.chunk_g)
         fused = group.get("fused") if self._fused_in_group else getattr(self, "_fused", None)
         has_fused = self._has_fused and self._fused_applies(group)
         if not has_fused:
             fused = None  # no kernel for this group's options: the policy as without one
         impl = resolve_impl(group.get("foreach"), fused, has_fused, params,
                             self._fused_broken, owner, grads, self._loop_on_cpu)
-        return GroupWork(group, params, grads, [], impl)
+        return GroupWork(group, params, grads, [], impl, flat_work)
+
+    def _plan_buckets(self, gi: int, group: dict[str, Any]) -> tuple[list[tuple[FlatBucket, list[int]]], set[int]]:
+        """Which of this group's flat buckets step flat this time (and whose members the
+        per-tensor gather skips). Changes nothing except re-laying state whose values stay."""
+        buckets = self._buckets.get(gi)
+        if not buckets:
+            return [], set()
+        out, skip = [], set()
+        for b in list(buckets):
+            if not b.intact():
+                buckets.remove(b)
+                dissolve_warning(type(self).__name__)
+                continue
+            if not b.synced and all(p.grad is not None for p in b.members):
+                b.relink_from_members(self, group)  # counters may agree again
+            plan = b.plan()
+            if plan is None:
+                continue  # members step one by one this time
+            out.append((b, plan))
+            skip.update(id(p) for p in b.members)
+        return out, skip
 
     def _apply(self, works: list[GroupWork]) -> None:
         """Run the update of every group; Prodigy overrides this (its step size is global)."""
@@ -200,19 +241,65 @@ class OptimizerBase(torch.optim.Optimizer):
         # Everything that can fail is checked for every group before any state is touched.
         works = [self._gather(gi, g) for gi, g in enumerate(self.param_groups)]
         for work in works:
-            for p in work.params:
+            n_plain = len(work.params) - sum(len(b.chunk_p) for b, _ in work.buckets)
+            for p in work.params[:n_plain]:
                 state = self.state[p]
                 if len(state) == 0:
                     self._init_state(work.group, p, state)
                 work.states.append(state)
-        self._apply(works)
+            for b, repair in work.buckets:
+                b.repair(repair)
+                if not b.state:
+                    b.init_state(self, work.group)
+                work.states.extend(b.chunk_states)
+        try:
+            self._apply(works)
+        finally:
+            for work in works:
+                for b, _ in work.buckets:
+                    b.after_step(self, work.group)
+            self._note_unsynced(works)
         return loss
+
+    def _note_unsynced(self, works: list[GroupWork]) -> None:
+        """Members of a flat bucket that stepped one by one: their counters may now differ."""
+        for gi, work in enumerate(works):
+            flat_ids = {id(b) for b, _ in work.buckets}
+            for b in self._buckets.get(gi, ()):
+                if id(b) not in flat_ids and any(p.grad is not None for p in b.members):
+                    b.synced = False
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As ``torch.optim.Optimizer.zero_grad``; with ``flat=True`` the flat gradient buffers
+        are zeroed instead (gradients stay views of them, never ``None``)."""
+        if not self._buckets:
+            return super().zero_grad(set_to_none)
+        members = set()
+        for buckets in self._buckets.values():
+            for b in buckets:
+                b.zero_grad()
+                members.update(id(p) for p in b.members)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if id(p) in members or p.grad is None:
+                    continue
+                if set_to_none:
+                    p.grad = None
+                else:
+                    if p.grad.grad_fn is not None:
+                        p.grad.detach_()
+                    else:
+                        p.grad.requires_grad_(False)
+                    p.grad.zero_()
 
     # ----------------------------------------------------------------------- state_dict
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state_dict (ours or torch.optim's), after checking all of it."""
         self._check_state_dict(state_dict)
         super().load_state_dict(state_dict)
+        for gi, buckets in self._buckets.items():
+            for b in buckets:
+                b.relink_from_members(self, self.param_groups[gi])
 
     def _check_state_dict(self, sd: Any) -> None:
         owner = type(self).__name__

@@ -42,6 +42,11 @@ class Adadelta(OptimizerBase):
         capturable: must be ``False`` (CUDA-graph capture is not supported by optimkit).
         maximize: ascend the objective instead of descending.
         differentiable: must be ``False`` (not supported by optimkit).
+        flat: lay the parameters, gradients and state out as views into one buffer per
+            param group and (device, dtype), and step it in large chunks (see
+            ``optimkit._flatten``): the same math, far less per-tensor overhead with many
+            small tensors. Re-points each eligible ``p.data`` and ``p.grad`` into the buffers;
+            ``zero_grad()`` then zeroes gradients instead of setting them to ``None``.
 
     Example:
         >>> model = torch.nn.Linear(3, 1)
@@ -65,12 +70,13 @@ class Adadelta(OptimizerBase):
         capturable: bool = False,
         maximize: bool = False,
         differentiable: bool = False,
+        flat: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr, rho=rho, eps=eps, weight_decay=weight_decay, maximize=maximize,
             capturable=capturable, foreach=foreach, differentiable=differentiable,
         )
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, flat=flat)
 
     def _validate_group(self, g: dict[str, Any]) -> None:
         n = type(self).__name__

@@ -49,6 +49,11 @@ class Adagrad(OptimizerBase):
         differentiable: must be ``False`` (not supported by optimkit).
         fused: ``True`` torch's fused single-pass kernel (dense gradients; sparse ones still
             take the reference path).
+        flat: lay the parameters, gradients and state out as views into one buffer per
+            param group and (device, dtype), and step it in large chunks (see
+            ``optimkit._flatten``): the same math, far less per-tensor overhead with many
+            small tensors. Re-points each eligible ``p.data`` and ``p.grad`` into the buffers;
+            ``zero_grad()`` then zeroes gradients instead of setting them to ``None``.
 
     Example:
         >>> emb = torch.nn.Embedding(100, 8, sparse=True)
@@ -76,13 +81,14 @@ class Adagrad(OptimizerBase):
         maximize: bool = False,
         differentiable: bool = False,
         fused: bool | None = None,
+        flat: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr, lr_decay=lr_decay, eps=eps, weight_decay=weight_decay,
             initial_accumulator_value=initial_accumulator_value, foreach=foreach,
             maximize=maximize, differentiable=differentiable, fused=fused,
         )
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, flat=flat)
         # torch.optim.Adagrad creates its state here rather than at the first step; doing the
         # same keeps state_dicts interchangeable (also before the first step).
         for group in self.param_groups:

@@ -71,6 +71,11 @@ class Adam(LowPrecisionStateMixin, OptimizerBase):
             rounding (generators seeded from torch's global RNG, saved in ``state_dict``).
             Runs the foreach path (or the loop on large CPU tensors); ``fused=True`` with a
             state dtype other than a parameter's dtype raises.
+        flat: lay the parameters, gradients and state out as views into one buffer per
+            param group and (device, dtype), and step it in large chunks (see
+            ``optimkit._flatten``): the same math, far less per-tensor overhead with many
+            small tensors. Re-points each eligible ``p.data`` and ``p.grad`` into the buffers;
+            ``zero_grad()`` then zeroes gradients instead of setting them to ``None``.
 
     Example:
         >>> model = torch.nn.Linear(3, 1)
@@ -97,6 +102,7 @@ class Adam(LowPrecisionStateMixin, OptimizerBase):
         fused: bool | None = None,
         decoupled_weight_decay: bool = False,
         state_dtype: torch.dtype | None = None,
+        flat: bool = False,
     ) -> None:
         # On the optimizer, not in the groups: torch.optim.Adam's group keys stay exactly its own.
         self._setup_state_dtype(state_dtype)
@@ -106,7 +112,7 @@ class Adam(LowPrecisionStateMixin, OptimizerBase):
             differentiable=differentiable, fused=fused,
             decoupled_weight_decay=decoupled_weight_decay,
         )
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, flat=flat)
 
     def _validate_group(self, g: dict[str, Any]) -> None:
         n = type(self).__name__
@@ -241,6 +247,7 @@ class AdamW(Adam):
         differentiable: not supported (``True`` raises); present for signature compatibility.
         fused: ``True`` torch's fused single-pass kernel.
         state_dtype: dtype of the moment buffers (``None``: the parameter's); see :class:`Adam`.
+        flat: one flat buffer per param group and (device, dtype); see :class:`Adam`.
 
     Example:
         >>> model = torch.nn.Linear(3, 1)
@@ -263,11 +270,12 @@ class AdamW(Adam):
         differentiable: bool = False,
         fused: bool | None = None,
         state_dtype: torch.dtype | None = None,
+        flat: bool = False,
     ) -> None:
         super().__init__(
             params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
             capturable=capturable, differentiable=differentiable, fused=fused,
-            decoupled_weight_decay=True, state_dtype=state_dtype,
+            decoupled_weight_decay=True, state_dtype=state_dtype, flat=flat,
         )
 
     def __setstate__(self, state: dict[str, Any]) -> None:

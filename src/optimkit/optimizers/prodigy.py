@@ -148,6 +148,11 @@ class Prodigy(LowPrecisionStateMixin, OptimizerBase):
             step computes in float32 and writes the state back with unbiased stochastic
             rounding (generators seeded from torch's global RNG, saved in ``state_dict``).
             Runs the foreach path (not the fused phase 2).
+        flat: lay the parameters, gradients and state out as views into one buffer per
+            param group and (device, dtype), and step it in large chunks (see
+            ``optimkit._flatten``): the same math, far less per-tensor overhead with many
+            small tensors. Re-points each eligible ``p.data`` and ``p.grad`` into the buffers;
+            ``zero_grad()`` then zeroes gradients instead of setting them to ``None``.
 
     Example:
         >>> model = torch.nn.Linear(3, 1)
@@ -184,6 +189,7 @@ class Prodigy(LowPrecisionStateMixin, OptimizerBase):
         stochastic_rounding: bool = False,
         foreach: bool | None = None,
         state_dtype: torch.dtype | None = None,
+        flat: bool = False,
     ) -> None:
         # On the optimizer, not in the groups (prodigyopt's group keys stay exactly its own).
         self._setup_state_dtype(state_dtype)
@@ -196,9 +202,10 @@ class Prodigy(LowPrecisionStateMixin, OptimizerBase):
             strict_growth=strict_growth, nonfinite=nonfinite,
             stochastic_rounding=stochastic_rounding, foreach=foreach,
         )
-        self._fresh: list[Tensor] = []
+        # (parameter, its new state): with flat=True a bucket's whole buffer and its state
+        self._fresh: list[tuple[Tensor, dict[str, Any]]] = []
         self._scratch: dict[tuple[torch.device, torch.dtype], Tensor] = {}
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, flat=flat)
 
     # ------------------------------------------------------------------ validation
     def _validate_group(self, g: dict[str, Any]) -> None:
@@ -220,6 +227,10 @@ class Prodigy(LowPrecisionStateMixin, OptimizerBase):
             check_bool(n, flag, g[flag])
         if g["nonfinite"] not in ("raise", "skip"):
             fail(n, "nonfinite", g["nonfinite"], "'raise' or 'skip'")
+        if getattr(self, "_flat", False) and sp != 1:
+            # s and p0 would subsample the flat buffer, not each tensor: other elements than
+            # prodigyopt's, so a different d
+            fail(n, "slice_p", sp, "1 with flat=True (slicing is per tensor)")
 
     def _check_groups(self, groups: list[dict[str, Any]]) -> None:
         """Global hyperparameters agree and lrs are max-or-0 (prodigyopt's rule), else ValueError."""
@@ -322,7 +333,7 @@ class Prodigy(LowPrecisionStateMixin, OptimizerBase):
         if self.param_groups[0]["betas"][0] > 0:
             state["exp_avg"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
         state["exp_avg_sq"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
-        self._fresh.append(p)
+        self._fresh.append((p, state))
 
     def _state_spec(self, group: dict[str, Any], p: Tensor) -> dict[str, Any]:
         n = p.numel()
@@ -349,8 +360,8 @@ class Prodigy(LowPrecisionStateMixin, OptimizerBase):
         dlr = d * lr * _bias_correction(g0, k)
         fresh, self._fresh = self._fresh, []
         if lr == 0.0:  # everything frozen (prodigyopt also stops before any update)
-            self._settle_fresh(fresh, torch.stack([torch.any(_local(p)) for p in fresh]).tolist()
-                               if fresh else [])
+            self._settle_fresh(fresh, torch.stack([torch.any(_local(p)) for p, _ in fresh])
+                               .tolist() if fresh else [])
             return
 
         # ---- phase 1: statistics only; nothing is written (s' is written in phase 2)
@@ -505,7 +516,8 @@ class Prodigy(LowPrecisionStateMixin, OptimizerBase):
                         self._round_into(stored[k][lo + i], work[k][i])
 
     # ------------------------------------------------------------------ helpers
-    def _global_sums(self, pieces: list[tuple[Any, Any, Any]], fresh: list[Tensor], c_num: float,
+    def _global_sums(self, pieces: list[tuple[Any, Any, Any]],
+                     fresh: list[tuple[Tensor, dict[str, Any]]], c_num: float,
                      works: list[GroupWork]) -> tuple[float, float, float, list[float]]:
         """(sum of c_num * dots, sum of ||s'||_1, finiteness probe, p0 flags) with one host sync.
 
@@ -516,7 +528,7 @@ class Prodigy(LowPrecisionStateMixin, OptimizerBase):
         """
         dev = self._main_device()
         acc = _acc_dtype(dev)
-        flags = [torch.any(_local(p)).reshape(1).to(device=dev, dtype=acc) for p in fresh]
+        flags = [torch.any(_local(p)).reshape(1).to(device=dev, dtype=acc) for p, _ in fresh]
         if self._sharded(works):
             red = torch.zeros(3, dtype=acc, device=dev)
             for dots, l1s, chk in pieces:
@@ -555,17 +567,22 @@ class Prodigy(LowPrecisionStateMixin, OptimizerBase):
         # without an initialised process group there is one rank: the local sums are global
         return bool(sharded and dist is not None and dist.is_available() and dist.is_initialized())
 
-    def _settle_fresh(self, fresh: list[Tensor], any_flags: list[float]) -> None:
-        for p, nonzero in zip(fresh, any_flags):
-            if not nonzero and not _is_dtensor(p):  # DTensor p0 keeps its layout (_init_state)
-                st = self.state[p]
+    def _settle_fresh(self, fresh: list[tuple[Tensor, dict[str, Any]]],
+                      any_flags: list[float]) -> None:
+        for (p, st), nonzero in zip(fresh, any_flags):
+            # DTensor p0 keeps its layout (_init_state); a flat bucket's p0 stays one buffer
+            # (its members' entries are views of it), so only plain parameters take the 0-dim
+            # shortcut.
+            if not nonzero and not _is_dtensor(p) and self.state.get(p) is st:
                 st["p0"] = torch.zeros((), dtype=st["p0"].dtype, device=st["p0"].device)
 
-    def _reject(self, active: list[GroupWork], fresh: list[Tensor]) -> None:
+    def _reject(self, active: list[GroupWork], fresh: list[tuple[Tensor, dict[str, Any]]]) -> None:
         """A non-finite statistic: undo state creation, then raise or skip."""
         where = _locate_nonfinite(self.param_groups, active)
-        for p in fresh:  # state created by this step: back to "never stepped"
-            del self.state[p]
+        for p, st in fresh:  # state created by this step: back to "never stepped"
+            st.clear()  # a flat bucket's members are then dropped by the base class
+            if self.state.get(p) is st:
+                del self.state[p]
         n = type(self).__name__
         msg = (f"{n}: non-finite statistics in this step ({where}); the step was not taken and "
                f"parameters and optimizer state are unchanged")

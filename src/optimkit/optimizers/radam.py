@@ -72,6 +72,11 @@ class RAdam(OptimizerBase):
             hyperparameters, see the module docstring), the default when ``None`` and every
             tensor is a CPU/CUDA floating tensor. Not a param-group key (torch's RAdam has
             none); the choice is the optimizer's.
+        flat: lay the parameters, gradients and state out as views into one buffer per
+            param group and (device, dtype), and step it in large chunks (see
+            ``optimkit._flatten``): the same math, far less per-tensor overhead with many
+            small tensors. Re-points each eligible ``p.data`` and ``p.grad`` into the buffers;
+            ``zero_grad()`` then zeroes gradients instead of setting them to ``None``.
 
     Example:
         >>> model = torch.nn.Linear(3, 1)
@@ -97,6 +102,7 @@ class RAdam(OptimizerBase):
         capturable: bool = False,
         differentiable: bool = False,
         fused: bool | None = None,
+        flat: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr, betas=_as_tuple(betas), eps=eps, weight_decay=weight_decay, maximize=maximize,
@@ -104,7 +110,7 @@ class RAdam(OptimizerBase):
             decoupled_weight_decay=decoupled_weight_decay, differentiable=differentiable,
             fused=fused,
         )
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, flat=flat)
 
     def _validate_group(self, g: dict[str, Any]) -> None:
         n = type(self).__name__

@@ -66,6 +66,11 @@ class RMSprop(OptimizerBase):
             kernel for centered or momentum RMSprop: those groups take the foreach path, with a
             warning when ``fused=True`` was asked for. Not a param-group key (torch's
             RMSprop has none); the choice is the optimizer's.
+        flat: lay the parameters, gradients and state out as views into one buffer per
+            param group and (device, dtype), and step it in large chunks (see
+            ``optimkit._flatten``): the same math, far less per-tensor overhead with many
+            small tensors. Re-points each eligible ``p.data`` and ``p.grad`` into the buffers;
+            ``zero_grad()`` then zeroes gradients instead of setting them to ``None``.
 
     Example:
         >>> model = torch.nn.Linear(3, 1)
@@ -95,13 +100,14 @@ class RMSprop(OptimizerBase):
         differentiable: bool = False,
         *,
         fused: bool | None = None,
+        flat: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr, momentum=momentum, alpha=alpha, eps=eps, centered=centered,
             weight_decay=weight_decay, capturable=capturable, foreach=foreach,
             maximize=maximize, differentiable=differentiable, fused=fused,
         )
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, flat=flat)
 
     def _validate_group(self, g: dict[str, Any]) -> None:
         n = type(self).__name__

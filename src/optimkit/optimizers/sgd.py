@@ -41,6 +41,11 @@ class SGD(OptimizerBase):
         maximize: ascend the objective instead of descending.
         foreach: ``True`` multi-tensor path, ``False`` per-tensor reference, ``None`` fastest.
         fused: ``True`` torch's fused single-pass kernel.
+        flat: lay the parameters, gradients and state out as views into one buffer per
+            param group and (device, dtype), and step it in large chunks (see
+            ``optimkit._flatten``): the same math, far less per-tensor overhead with many
+            small tensors. Re-points each eligible ``p.data`` and ``p.grad`` into the buffers;
+            ``zero_grad()`` then zeroes gradients instead of setting them to ``None``.
 
     Example:
         >>> model = torch.nn.Linear(3, 1)
@@ -67,13 +72,14 @@ class SGD(OptimizerBase):
         foreach: bool | None = None,
         differentiable: bool = False,
         fused: bool | None = None,
+        flat: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
             nesterov=nesterov, maximize=maximize, foreach=foreach,
             differentiable=differentiable, fused=fused,
         )
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, flat=flat)
 
     def _validate_group(self, g: dict[str, Any]) -> None:
         n = type(self).__name__
