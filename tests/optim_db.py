@@ -37,6 +37,8 @@ IMPL_FLAGS = {
     "reference": dict(foreach=False),
     "foreach": dict(foreach=True),
     "fused": dict(fused=True),
+    # flat buffers (the default implementation choice over 1 MiB chunks of them)
+    "flat": dict(flat=True),
 }
 
 def _oracle_taking_fused(cls: type) -> type:
@@ -69,7 +71,7 @@ OPTIMS: list[OptimInfo] = [
             dict(lr=0.05, momentum=0.5, maximize=True),
         ],
         second_group=dict(lr=0.02, weight_decay=5e-3),
-        impls=("reference", "foreach", "fused"),
+        impls=("reference", "foreach", "fused", "flat"),
         error_inputs=[
             (dict(lr=-1.0), "lr=-1.0"),
             (dict(lr=0.1, momentum=-0.1), "momentum=-0.1"),
@@ -92,7 +94,7 @@ OPTIMS: list[OptimInfo] = [
             dict(lr=0.05, maximize=True),
         ],
         second_group=dict(lr=0.02, lr_decay=1e-3),
-        impls=("reference", "foreach", "fused"),
+        impls=("reference", "foreach", "fused", "flat"),
         error_inputs=[
             (dict(lr=-1.0), "lr=-1.0"),
             (dict(lr_decay=-0.5), "lr_decay=-0.5"),
@@ -117,7 +119,7 @@ OPTIMS: list[OptimInfo] = [
             dict(lr=1e-3, alpha=0.9, eps=1e-6, weight_decay=1e-2, maximize=True),
         ],
         second_group=dict(lr=5e-4, alpha=0.95),
-        impls=("reference", "foreach", "fused"),
+        impls=("reference", "foreach", "fused", "flat"),
         error_inputs=[
             (dict(lr=-1.0), "lr=-1.0"),
             (dict(alpha=-0.1), "alpha=-0.1"),
@@ -140,7 +142,7 @@ OPTIMS: list[OptimInfo] = [
             dict(lr=1e-3, maximize=True, eps=1e-6, amsgrad=True),
         ],
         second_group=dict(lr=5e-4, betas=(0.85, 0.995)),
-        impls=("reference", "foreach", "fused"),
+        impls=("reference", "foreach", "fused", "flat"),
         error_inputs=[
             (dict(lr=-1.0), "lr=-1.0"),
             (dict(betas=(1.0, 0.999)), "betas[0]=1.0"),
@@ -162,7 +164,7 @@ OPTIMS: list[OptimInfo] = [
             dict(lr=1e-3, maximize=True, betas=(0.7, 0.9)),
         ],
         second_group=dict(lr=5e-4, weight_decay=0.0),
-        impls=("reference", "foreach", "fused"),
+        impls=("reference", "foreach", "fused", "flat"),
         error_inputs=[
             (dict(lr=-1.0), "lr=-1.0"),
             (dict(betas=(0.9, 1.0)), "betas[1]=1.0"),
@@ -182,7 +184,7 @@ OPTIMS: list[OptimInfo] = [
             dict(lr=1e-3, betas=(0.8, 0.9), maximize=True),
         ],
         second_group=dict(lr=5e-4, betas=(0.85, 0.99)),
-        impls=("reference", "foreach", "fused"),
+        impls=("reference", "foreach", "fused", "flat"),
         error_inputs=[
             (dict(lr=-1.0), "lr=-1.0"),
             (dict(betas=(-0.1, 0.999)), "betas[0]=-0.1"),
@@ -202,7 +204,7 @@ OPTIMS: list[OptimInfo] = [
             dict(maximize=True, rho=0.8),
         ],
         second_group=dict(lr=0.7, rho=0.85),
-        impls=("reference", "foreach"),
+        impls=("reference", "foreach", "flat"),
         error_inputs=[
             (dict(lr=-1.0), "lr=-1.0"),
             (dict(rho=1.5), "rho=1.5"),

@@ -20,6 +20,9 @@ import torch
 import harness
 from optim_db import IMPL_FLAGS, OPTIMS, config_id
 
+#: torch.optim has no flat buffers: its side of a flat case runs its default path
+ORACLE_FLAGS = {**IMPL_FLAGS, "flat": {}}
+
 SPLIT = 50  # torch <-> optimkit: the checkpoint is taken after 50 steps ...
 REST = 20  # ... and both runs continue 20 more
 # save/load inside optimkit: split during the frozen-layer window, continue past the step
@@ -53,7 +56,7 @@ def test_torch_checkpoint_continues_in_optimkit(info, cfg, impl):
     """torch.optim runs 50 steps and saves; optimkit loads and continues as torch does."""
     flags = IMPL_FLAGS[impl]
     second = info.second_group
-    net_t, opt_t, _ = harness.run(lambda g: info.oracle(g, **cfg, **flags), steps=SPLIT,
+    net_t, opt_t, _ = harness.run(lambda g: info.oracle(g, **cfg, **ORACLE_FLAGS[impl]), steps=SPLIT,
                                   second=second)
     net_o = copy.deepcopy(net_t)
     opt_o = _resume(lambda g: info.cls(g, **cfg, **flags), net_o, opt_t.state_dict(), second)
@@ -71,7 +74,7 @@ def test_optimkit_checkpoint_continues_in_torch(info, cfg, impl):
     net_o, opt_o, _ = harness.run(lambda g: info.cls(g, **cfg, **flags), steps=SPLIT,
                                   second=second)
     net_t = copy.deepcopy(net_o)
-    opt_t = _resume(lambda g: info.oracle(g, **cfg, **flags), net_t, opt_o.state_dict(), second)
+    opt_t = _resume(lambda g: info.oracle(g, **cfg, **ORACLE_FLAGS[impl]), net_t, opt_o.state_dict(), second)
     assert _hyper(opt_t) == _hyper(opt_o)
     harness.run(None, net=net_o, opt=opt_o, start=SPLIT, steps=REST)
     harness.run(None, net=net_t, opt=opt_t, start=SPLIT, steps=REST)

@@ -216,13 +216,18 @@ class OptimizerBase(torch.optim.Optimizer):
                 buckets.remove(b)
                 dissolve_warning(type(self).__name__)
                 continue
+            parts = [b]
             if not b.synced and all(p.grad is not None for p in b.members):
-                b.relink_from_members(self, group)  # counters may agree again
-            plan = b.plan()
-            if plan is None:
-                continue  # members step one by one this time
-            out.append((b, plan))
-            skip.update(id(p) for p in b.members)
+                parts = b.regroup(self, group)  # counters may agree again, or in runs
+                if len(parts) > 1:
+                    i = buckets.index(b)
+                    buckets[i:i + 1] = parts
+            for part in parts:
+                plan = part.plan()
+                if plan is None:
+                    continue  # members step one by one this time
+                out.append((part, plan))
+                skip.update(id(p) for p in part.members)
         return out, skip
 
     def _apply(self, works: list[GroupWork]) -> None:
@@ -277,7 +282,7 @@ class OptimizerBase(torch.optim.Optimizer):
         members = set()
         for buckets in self._buckets.values():
             for b in buckets:
-                b.zero_grad()
+                b.zero_grad(set_to_none)
                 members.update(id(p) for p in b.members)
         for group in self.param_groups:
             for p in group["params"]:

@@ -252,6 +252,7 @@ class FlatBucket:
         or when counters that drifted apart agree again). Leaves the bucket unsynced (stepping
         per tensor) if the members' states cannot form one flat state."""
         states = [opt.state.get(p) for p in self.members]
+        counters = _counter_keys(opt, group, self.members[0])
         self.synced = False
         if all(not st for st in states):
             self.state, self.chunk_states, self._vecs = {}, [], {}
@@ -265,11 +266,11 @@ class FlatBucket:
                 vals = [st[key] for st in states]
                 if all(v is None for v in vals):
                     new[key] = None
-                elif all(isinstance(v, Tensor) and v.dim() == 0 for v in vals):
+                elif key in counters and all(isinstance(v, Tensor) for v in vals):
                     if not bool((torch.stack(vals) == vals[0]).all()):
                         return
                     new[key] = vals[0].detach().clone()
-                elif all(isinstance(v, (int, float)) for v in vals):
+                elif key in counters and all(isinstance(v, (int, float)) for v in vals):
                     if len(set(vals)) != 1:
                         return
                     new[key] = vals[0]
@@ -291,12 +292,55 @@ class FlatBucket:
         self.link(opt, group)
         self.synced = True
 
-    def zero_grad(self) -> None:
-        """Zero the flat gradient and point every member's ``.grad`` back at its view."""
+    def regroup(self, opt: OptimizerBase, group: dict[str, Any]) -> list[FlatBucket]:
+        """An unsynced bucket whose members all have gradients again: relink it if the counters
+        agree, else split it into runs of consecutive members whose states agree (e.g. a layer
+        frozen for a while lags the rest by some steps), each a bucket over the same storage."""
+        self.relink_from_members(opt, group)
+        if self.synced:
+            return [self]
+        counters = _counter_keys(opt, group, self.members[0])
+        sigs = [_signature(opt.state.get(p), counters) for p in self.members]
+        runs, start = [], 0
+        for i in range(1, len(sigs) + 1):
+            if i == len(sigs) or sigs[i] != sigs[start]:
+                runs.append((start, i))
+                start = i
+        if len(runs) == 1:
+            return [self]
+        parts = []
+        for i, j in runs:
+            nb = FlatBucket(self.members[i:j])
+            nb.relink_from_members(opt, group)
+            parts.append(nb)
+        return parts
+
+    def zero_grad(self, set_to_none: bool) -> None:
+        """Zero the flat gradient and point every member's ``.grad`` back at its view; a member
+        that no longer requires grad (frozen) gets ``None`` as without ``flat``, so that it
+        skips the step exactly as torch.optim would skip it."""
         self.flat_g.zero_()
         for p, v in zip(self.members, self.grad_views):
-            if p.grad is not v:
+            if set_to_none and not p.requires_grad:
+                p.grad = None
+            elif p.grad is not v:
                 p.grad = v
+
+
+def _counter_keys(opt: OptimizerBase, group: dict[str, Any], p: Tensor) -> set[str]:
+    """State keys that are per-parameter counters (``step``), not buffers shaped like ``p``."""
+    from ._base import SCALAR
+
+    return {k for k, v in opt._state_spec(group, p).items() if v == SCALAR}
+
+
+def _signature(st: dict[str, Any] | None, counters: set[str]) -> Any:
+    """What must agree between members stepped as one bucket: the state keys and counters."""
+    if not st:
+        return None
+    vals = tuple((k, float(st[k]) if isinstance(st[k], Tensor) else st[k])
+                 for k in sorted(counters) if k in st)
+    return tuple(sorted(st)), vals
 
 
 def dissolve_warning(owner: str) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace, field
 from typing import Any
 
 from ..optimizers import SGD, Adadelta, Adagrad, Adam, AdamW, Prodigy, RAdam, RMSprop
@@ -489,6 +489,14 @@ theta <- theta - dlr * m / (sqrt(v) + d' * eps)""",
         state_buffers=4,
     ),
 )
+
+_FLAT = HyperParam(
+    "flat", False, "True or False",
+    "Implementation choice only, never the math: keep parameters, gradients and state as views "
+    "into one buffer per param group and (device, dtype) and step it in large chunks. Much "
+    "faster with many small tensors; zero_grad() then zeroes gradients instead of setting None.")
+# every optimizer takes it (OptimizerBase), so it is documented once and appended to each
+_SPECS = tuple(replace(s, hyperparams=(*s.hyperparams, _FLAT)) for s in _SPECS)
 
 REGISTRY: dict[str, OptimizerSpec] = {s.name: s for s in _SPECS}
 
