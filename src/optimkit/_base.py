@@ -146,10 +146,12 @@ class OptimizerBase(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        # A copy (pickle, deepcopy) steps per tensor: its parameters are new tensors that no
-        # longer share the original's flat buffers.
-        self._flat = False
-        self._buckets = {}
+        if not hasattr(self, "_buckets"):
+            # An unpickled copy (pickle, deepcopy) steps per tensor: its parameters are new
+            # tensors that do not share the original's flat buffers. (torch's load_state_dict
+            # also calls __setstate__, on a live optimizer: its buckets stay.)
+            self._flat = False
+            self._buckets = {}
         # Checkpoints written before a key existed still load: fill in today's defaults.
         for group in self.param_groups:
             for k, v in self.defaults.items():

@@ -110,7 +110,7 @@ class Candidate:
 
     algo: str
     library: str  # "optimkit" | "torch" | "prodigyopt"
-    impl: str  # "reference" | "foreach" | "fused" | "for-loop" | "flat-compiled"
+    impl: str  # "reference" | "foreach" | "fused" | "flat" | "for-loop" | "flat-compiled"
     build: Callable[[list[Tensor]], torch.optim.Optimizer]
     slow: bool = False  # a per-tensor Python loop: fewer repetitions
     anchor: bool = False  # eligible as the anchor (torch.optim / prodigyopt)
@@ -145,6 +145,9 @@ def candidates_for(algo: str, prototype: bool = False) -> list[Candidate]:
     out.append(Candidate(algo, "optimkit", "foreach", ok(dict(foreach=True))))
     if _has_fused(ok_cls):
         out.append(Candidate(algo, "optimkit", "fused", ok(dict(fused=True))))
+    # flat=True over this set's parameters and gradients (already views of one buffer each,
+    # as a flat-parameter trainer keeps them, so nothing is copied): the default path per chunk
+    out.append(Candidate(algo, "optimkit", "flat", ok(dict(flat=True))))
     if prototype and algo == "adam":
         from ._flat import FlatAdam
 

@@ -578,7 +578,7 @@ class Prodigy(LowPrecisionStateMixin, OptimizerBase):
 
     def _reject(self, active: list[GroupWork], fresh: list[tuple[Tensor, dict[str, Any]]]) -> None:
         """A non-finite statistic: undo state creation, then raise or skip."""
-        where = _locate_nonfinite(self.param_groups, active)
+        where = _locate_nonfinite(self.param_groups, active, self.state)
         for p, st in fresh:  # state created by this step: back to "never stepped"
             st.clear()  # a flat bucket's members are then dropped by the base class
             if self.state.get(p) is st:
@@ -877,16 +877,24 @@ def _write_back(p: Tensor, value: Tensor, stochastic: bool) -> None:
         p.copy_(value)  # round to nearest
 
 
-def _locate_nonfinite(groups: list[dict[str, Any]], active: list[GroupWork]) -> str:
-    """Name the first parameter whose step inputs are non-finite (error path: syncs freely)."""
+def _locate_nonfinite(groups: list[dict[str, Any]], active: list[GroupWork],
+                      state: Any) -> str:
+    """Name the first parameter whose step inputs are non-finite (error path: syncs freely).
+
+    Walks the groups' own parameters (not the work lists, which hold flat chunks with
+    ``flat=True``), with their gradients and state."""
     for w in active:
         gi = next(i for i, g in enumerate(groups) if g is w.group)
-        for p, g, st in zip(w.params, w.grads, w.states):
-            parts = {"gradient": _local(g), "parameter": _local(p), "state p0": _local(st["p0"]),
-                     "state s": _local(st["s"])}
+        for pi, p in enumerate(w.group["params"]):
+            if p.grad is None:
+                continue
+            st = state.get(p) or {}
+            parts = {"gradient": _local(p.grad), "parameter": _local(p)}
+            for key in ("p0", "s"):
+                if isinstance(st.get(key), Tensor):
+                    parts[f"state {key}"] = _local(st[key])
             bad = [name for name, t in parts.items() if not bool(torch.isfinite(t).all())]
             if bad:
-                pi = next(i for i, q in enumerate(w.group["params"]) if q is p)
                 return (f"first at param group {gi}, parameter {pi}, shape {tuple(p.shape)}: "
                         f"non-finite {' and '.join(bad)}")
     return ("no local parameter holds a NaN/inf: the sums overflowed, or the NaN/inf is on "
