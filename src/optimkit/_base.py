@@ -77,6 +77,7 @@ class OptimizerBase(torch.optim.Optimizer):
         # Held on the optimizer, not in the groups, so group keys stay torch.optim's.
         self._flat = flat
         self._buckets: dict[int, list[FlatBucket]] = {}
+        self._outside: dict[int, list[tuple[int, Tensor]]] = {}  # params in no bucket, per group
         check_impl_flags(owner, defaults.get("foreach"), defaults.get("fused"), self._has_fused)
         _refuse_unsupported(owner, defaults)
         if not self._fused_in_group:
@@ -152,6 +153,7 @@ class OptimizerBase(torch.optim.Optimizer):
             # also calls __setstate__, on a live optimizer: its buckets stay.)
             self._flat = False
             self._buckets = {}
+            self._outside = {}
         # Checkpoints written before a key existed still load: fill in today's defaults.
         for group in self.param_groups:
             for k, v in self.defaults.items():
@@ -178,10 +180,10 @@ class OptimizerBase(torch.optim.Optimizer):
     def _gather(self, gi: int, group: dict[str, Any]) -> GroupWork:
         owner = type(self).__name__
         params, grads = [], []
-        flat_work, skip = self._plan_buckets(gi, group)
-        for pi, p in enumerate(group["params"]):
+        flat_work, per_tensor = self._plan_buckets(gi, group)
+        for pi, p in per_tensor:
             g = p.grad
-            if g is None or id(p) in skip:
+            if g is None:
                 continue
             if g.is_sparse and not self._supports_sparse:
                 raise RuntimeError(
@@ -206,16 +208,26 @@ class OptimizerBase(torch.optim.Optimizer):
                             self._fused_broken, owner, grads, self._loop_on_cpu)
         return GroupWork(group, params, grads, [], impl, flat_work)
 
-    def _plan_buckets(self, gi: int, group: dict[str, Any]) -> tuple[list[tuple[FlatBucket, list[int]]], set[int]]:
-        """Which of this group's flat buckets step flat this time (and whose members the
-        per-tensor gather skips). Changes nothing except re-laying state whose values stay."""
+    def _plan_buckets(
+        self, gi: int, group: dict[str, Any],
+    ) -> tuple[list[tuple[FlatBucket, list[int]]], list[tuple[int, Tensor]]]:
+        """Which of this group's flat buckets step flat this time, and the (index, parameter)
+        pairs the per-tensor gather walks. Changes nothing except re-laying state whose
+        values stay the same."""
         buckets = self._buckets.get(gi)
-        if not buckets:
-            return [], set()
-        out, skip = [], set()
+        if buckets is None:
+            return [], list(enumerate(group["params"]))
+        outside = self._outside.get(gi)
+        if outside is None:
+            inside = {id(p) for b in buckets for p in b.members}
+            outside = self._outside[gi] = [(i, p) for i, p in enumerate(group["params"])
+                                           if id(p) not in inside]
+        out, split = [], []
         for b in list(buckets):
             if not b.intact():
                 buckets.remove(b)
+                self._outside.pop(gi, None)
+                split.extend(zip(b.indices, b.members))
                 dissolve_warning(type(self).__name__)
                 continue
             parts = [b]
@@ -226,11 +238,13 @@ class OptimizerBase(torch.optim.Optimizer):
                     buckets[i:i + 1] = parts
             for part in parts:
                 plan = part.plan()
-                if plan is None:
-                    continue  # members step one by one this time
+                if plan is None:  # members step one by one this time
+                    split.extend(zip(part.indices, part.members))
+                    continue
                 out.append((part, plan))
-                skip.update(id(p) for p in part.members)
-        return out, skip
+        if split:
+            return out, sorted(outside + split, key=lambda ip: ip[0])
+        return out, outside
 
     def _apply(self, works: list[GroupWork]) -> None:
         """Run the update of every group; Prodigy overrides this (its step size is global)."""
@@ -256,7 +270,7 @@ class OptimizerBase(torch.optim.Optimizer):
                 work.states.append(state)
             for b, repair in work.buckets:
                 b.repair(repair)
-                if not b.state:
+                if not b.ready:
                     b.init_state(self, work.group)
                 work.states.extend(b.chunk_states)
         try:

@@ -88,11 +88,11 @@ def eligible(p: Tensor) -> bool:
 
 def build_buckets(params: list[Tensor]) -> list[FlatBucket]:
     """The buckets of one param group: its eligible parameters per (device, dtype)."""
-    by_key: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-    for p in params:
+    by_key: dict[tuple[torch.device, torch.dtype], list[tuple[int, Tensor]]] = {}
+    for i, p in enumerate(params):
         if eligible(p) and p.numel() > 0:
-            by_key.setdefault((p.device, p.dtype), []).append(p)
-    return [FlatBucket(ms) for ms in by_key.values() if ms]
+            by_key.setdefault((p.device, p.dtype), []).append((i, p))
+    return [FlatBucket([p for _, p in ms], [i for i, _ in ms]) for ms in by_key.values()]
 
 
 class FlatBucket:
@@ -104,8 +104,9 @@ class FlatBucket:
     views in the parameters' shapes.
     """
 
-    def __init__(self, members: list[Tensor]) -> None:
+    def __init__(self, members: list[Tensor], indices: list[int]) -> None:
         self.members = members
+        self.indices = indices  # positions in the param group (for error messages, order)
         self.numels = [p.numel() for p in members]
         self.offsets: list[int] = []
         n = 0
@@ -140,6 +141,8 @@ class FlatBucket:
         self.chunk_p = [flat[a:b] for a, b in spans]
         self.chunk_g = [self.flat_g[a:b] for a, b in spans]
         self.state: dict[str, Any] = {}
+        self.ready = False  # state laid out (possibly empty: SGD without momentum)
+        self._had_state = False  # ... and not empty
         self.chunk_states: list[dict[str, Any]] = []
         self._vecs: dict[str, Tensor] = {}  # 0-dim tensor counters: the members' values
         self.synced = True  # members' counters agree, so the bucket may step flat
@@ -151,7 +154,7 @@ class FlatBucket:
     # ------------------------------------------------------------------ per-step checks
     def intact(self) -> bool:
         """The members still live in the flat buffer (nobody replaced ``p.data``)."""
-        return all(p.data_ptr() == q for p, q in zip(self.members, self.ptrs))
+        return list(map(Tensor.data_ptr, self.members)) == self.ptrs
 
     def plan(self) -> list[int] | None:
         """Indices of members whose gradient must be copied in; ``None`` if the bucket cannot
@@ -190,6 +193,8 @@ class FlatBucket:
         """(Re)build the chunk states and the members' ``opt.state[p]`` from ``self.state``."""
         from ._base import PARAM_SHAPE
 
+        self.ready = True
+        self._had_state = bool(self.state)
         self.chunk_states = [{} for _ in self.spans]
         self._vecs = {}
         member_states: list[dict[str, Any]] = [{} for _ in self.members]
@@ -221,10 +226,12 @@ class FlatBucket:
 
     def after_step(self, opt: OptimizerBase, group: dict[str, Any]) -> None:
         """Bring the members' counters up to date; adopt state created during the step."""
-        if not self.state:  # the optimizer rolled its state creation back (Prodigy's rejects)
+        if self._had_state and not self.state:  # creation rolled back (Prodigy's rejects)
             for p in self.members:
                 opt.state.pop(p, None)
-            self.chunk_states = []
+            self.chunk_states, self.ready, self._had_state = [], False, False
+            return
+        if not self.state:  # stateless (plain SGD): nothing to keep up to date
             return
         first = self.chunk_states[0]
         fresh = [k for k, v in first.items()
@@ -256,6 +263,7 @@ class FlatBucket:
         self.synced = False
         if all(not st for st in states):
             self.state, self.chunk_states, self._vecs = {}, [], {}
+            self.ready = self._had_state = False
             self.synced = True
             return
         if any(not st for st in states) or len({tuple(st) for st in states}) != 1:
@@ -310,7 +318,7 @@ class FlatBucket:
             return [self]
         parts = []
         for i, j in runs:
-            nb = FlatBucket(self.members[i:j])
+            nb = FlatBucket(self.members[i:j], self.indices[i:j])
             nb.relink_from_members(opt, group)
             parts.append(nb)
         return parts
