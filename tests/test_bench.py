@@ -15,7 +15,6 @@ import torch
 
 import optimkit
 from optimkit import bench
-from optimkit._flat import FlatAdam
 
 QUICK = ["--quick", "--threads", "1", "--repeats", "2", "--warmup", "1", "--window", "0.001"]
 
@@ -141,27 +140,6 @@ def test_bad_arguments_are_rejected():
     with pytest.raises(SystemExit):
         bench.main(["--repeats", "0"])
 
-
-@pytest.mark.parametrize("decoupled", [False, True])
-def test_flat_prototype_math_matches_torch(decoupled):
-    """The prototype's math, run eagerly (no compile: seconds), equals torch's Adam/AdamW."""
-    torch.manual_seed(0)
-    shapes = [(5, 3), (7,), (2, 2, 2), (1,)]
-    a = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
-    b = [torch.nn.Parameter(x.detach().clone()) for x in a]
-    oa = FlatAdam(a, lr=1e-2, weight_decay=0.1, decoupled=decoupled, compile=False)
-    ob = (torch.optim.AdamW if decoupled else torch.optim.Adam)(b, lr=1e-2, weight_decay=0.1)
-    for _ in range(4):
-        for x, y in zip(a, b):
-            g = torch.randn_like(x)
-            x.grad, y.grad = g.clone(), g.clone()
-        oa.step()
-        ob.step()
-    for x, y in zip(a, b):
-        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
-    for x, y in zip(a, b):
-        torch.testing.assert_close(oa.state[x]["exp_avg"], ob.state[y]["exp_avg"])
-        torch.testing.assert_close(oa.state[x]["exp_avg_sq"], ob.state[y]["exp_avg_sq"])
 
 
 def test_run_leaves_denormals_representable(quick_run):

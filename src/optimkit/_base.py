@@ -70,12 +70,22 @@ class OptimizerBase(torch.optim.Optimizer):
     _tensor_steps: ClassVar[bool] = False
     #: sparse gradients are handled (only Adagrad, as in torch)
     _supports_sparse: ClassVar[bool] = False
+    #: the class has a torch.compile single-pass update (``compile=True``, see _compiled.py)
+    _has_compiled: ClassVar[bool] = False
 
-    def __init__(self, params: ParamsT, defaults: dict[str, Any], *, flat: bool = False) -> None:
+    def __init__(self, params: ParamsT, defaults: dict[str, Any], *, flat: bool = False,
+                 compile: bool = False) -> None:
         owner = type(self).__name__
         check_bool(owner, "flat", flat)
+        check_bool(owner, "compile", compile)
+        if compile and not self._has_compiled:
+            raise ValueError(
+                f"{owner}: invalid compile=True; {owner} has no compiled path (its default is "
+                "already a single-pass kernel, or it has none yet)"
+            )
         # Held on the optimizer, not in the groups, so group keys stay torch.optim's.
         self._flat = flat
+        self._compile = compile
         self._buckets: dict[int, list[FlatBucket]] = {}
         self._outside: dict[int, list[tuple[int, Tensor]]] = {}  # params in no bucket, per group
         check_impl_flags(owner, defaults.get("foreach"), defaults.get("fused"), self._has_fused)
@@ -132,6 +142,12 @@ class OptimizerBase(torch.optim.Optimizer):
         # Validate the group as it will be (defaults filled in) before adding anything.
         merged = {**getattr(self, "defaults", {}), **{k: v for k, v in param_group.items() if k != "params"}}
         check_impl_flags(owner, merged.get("foreach"), merged.get("fused"), self._has_fused)
+        fused = merged.get("fused") if self._fused_in_group else getattr(self, "_fused", None)
+        if getattr(self, "_compile", False) and (merged.get("foreach") is not None or fused):
+            raise ValueError(
+                f"{owner}: compile=True chooses the implementation itself; leave foreach and "
+                f"fused unset (got foreach={merged.get('foreach')!r}, fused={fused!r})"
+            )
         _refuse_unsupported(owner, merged)
         self._validate_group(merged)
         super().add_param_group(param_group)
@@ -143,6 +159,7 @@ class OptimizerBase(torch.optim.Optimizer):
         state = super().__getstate__()
         if not self._fused_in_group:  # torch pickles only defaults, state and param_groups
             state["_fused"] = getattr(self, "_fused", None)
+        state["_compile"] = getattr(self, "_compile", False)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -154,6 +171,7 @@ class OptimizerBase(torch.optim.Optimizer):
             self._flat = False
             self._buckets = {}
             self._outside = {}
+        self.__dict__.setdefault("_compile", False)
         # Checkpoints written before a key existed still load: fill in today's defaults.
         for group in self.param_groups:
             for k, v in self.defaults.items():
@@ -206,6 +224,8 @@ class OptimizerBase(torch.optim.Optimizer):
             fused = None  # no kernel for this group's options: the policy as without one
         impl = resolve_impl(group.get("foreach"), fused, has_fused, params,
                             self._fused_broken, owner, grads, self._loop_on_cpu)
+        if self._compile:
+            impl = "compiled"
         return GroupWork(group, params, grads, [], impl, flat_work)
 
     def _plan_buckets(

@@ -17,7 +17,8 @@ from torch import Tensor
 
 from . import _torch_compat as tc
 
-Impl = Literal["reference", "foreach", "fused"]
+#: "compiled" is chosen only by ``compile=True`` (optimkit._compiled), never by the policy
+Impl = Literal["reference", "foreach", "fused", "compiled"]
 IMPLS: tuple[Impl, ...] = ("reference", "foreach", "fused")
 
 

@@ -495,8 +495,18 @@ _FLAT = HyperParam(
     "Implementation choice only, never the math: keep parameters, gradients and state as views "
     "into one buffer per param group and (device, dtype) and step it in large chunks. Much "
     "faster with many small tensors; zero_grad() then zeroes gradients instead of setting None.")
-# every optimizer takes it (OptimizerBase), so it is documented once and appended to each
-_SPECS = tuple(replace(s, hyperparams=(*s.hyperparams, _FLAT)) for s in _SPECS)
+_COMPILE = HyperParam(
+    "compile", False, "True or False",
+    "Implementation choice only: run the update as one torch.compile-generated single-pass "
+    "kernel (fewer bytes moved per step). The first step compiles (~9 s cold on a 2-core CPU) "
+    "and needs a C++ compiler on CPU; best together with flat=True.")
+# every optimizer takes flat (OptimizerBase), the classes with a compiled path take compile:
+# documented once here and appended to each spec
+_SPECS = tuple(
+    replace(s, hyperparams=(*s.hyperparams, _FLAT,
+                            *((_COMPILE,) if getattr(s.cls, "_has_compiled", False) else ())))
+    for s in _SPECS
+)
 
 REGISTRY: dict[str, OptimizerSpec] = {s.name: s for s in _SPECS}
 

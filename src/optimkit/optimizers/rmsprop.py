@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import _compiled
 from .. import _torch_compat as tc
 from .._base import PARAM_SHAPE, SCALAR, GroupWork, OptimizerBase, ParamsT
 from .._impl import group_by_device_dtype
@@ -71,6 +72,9 @@ class RMSprop(OptimizerBase):
             ``optimkit._flatten``): the same math, far less per-tensor overhead with many
             small tensors. Re-points each eligible ``p.data`` and ``p.grad`` into the buffers;
             ``zero_grad()`` then zeroes gradients instead of setting them to ``None``.
+        compile: run every variant (centered, momentum) as one ``torch.compile``-generated
+            single-pass kernel (``optimkit._compiled``): fewer bytes moved per step, but the
+            first step compiles (seconds) and needs a C++ compiler on CPU. Best with ``flat``.
 
     Example:
         >>> model = torch.nn.Linear(3, 1)
@@ -84,6 +88,7 @@ class RMSprop(OptimizerBase):
     _tensor_steps = True
     _has_fused = True
     _fused_in_group = False  # torch.optim's class has no "fused" group key
+    _has_compiled = True
 
     def __init__(
         self,
@@ -101,13 +106,14 @@ class RMSprop(OptimizerBase):
         *,
         fused: bool | None = None,
         flat: bool = False,
+        compile: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr, momentum=momentum, alpha=alpha, eps=eps, centered=centered,
             weight_decay=weight_decay, capturable=capturable, foreach=foreach,
             maximize=maximize, differentiable=differentiable, fused=fused,
         )
-        super().__init__(params, defaults, flat=flat)
+        super().__init__(params, defaults, flat=flat, compile=compile)
 
     def _validate_group(self, g: dict[str, Any]) -> None:
         n = type(self).__name__
@@ -173,7 +179,8 @@ class RMSprop(OptimizerBase):
                           lr=hp["lr"], alpha=hp["alpha"], eps=hp["eps"],
                           weight_decay=hp["weight_decay"], maximize=hp["maximize"])
             return
-        fn = {"reference": rmsprop_reference, "foreach": rmsprop_foreach}[impl]
+        fn = {"reference": rmsprop_reference, "foreach": rmsprop_foreach,
+              "compiled": rmsprop_compiled}[impl]
         fn(work.params, work.grads, steps, square_avgs, grad_avgs, bufs, **hp)
 
     def _scratch(self, device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -335,3 +342,76 @@ def rmsprop_fused(
                 used += k
                 start += k
         flush()
+
+
+# ------------------------------------------------------------------- compile=True kernels
+def _rmsprop_math(p: Tensor, g: Tensor, v: Tensor, ga: Tensor | None, buf: Tensor | None,
+                  hp: Tensor) -> None:
+    """The reference's equations for 1-D tensors, for inductor to fuse into one pass;
+    ``ga`` is given iff centered, ``buf`` iff momentum > 0.
+
+    ``hp = [lr, alpha, eps, weight_decay, momentum, sign]`` (``sign = -1`` maximizes): values,
+    not branches, so lr schedules and options never recompile."""
+    lr, alpha, eps, wd, mom, sign = hp.unbind(0)
+    g = sign * g + wd * p  # wd = 0 adds exactly 0
+    v_new = alpha * v + (1 - alpha) * g * g
+    v.copy_(v_new)
+    if ga is not None:
+        ga_new = torch.lerp(ga, g, 1 - alpha)
+        ga.copy_(ga_new)
+        den = torch.sqrt(v_new - ga_new * ga_new) + eps
+    else:
+        den = torch.sqrt(v_new) + eps
+    if buf is not None:
+        b_new = mom * buf + g / den
+        buf.copy_(b_new)
+        p.copy_(p - lr * b_new)
+    else:
+        p.copy_(p - lr * (g / den))
+
+
+# One entry point per variant (which buffers exist): torch.compile keys its cache and its
+# recompile limit on the code object, so each variant gets its own.
+def _k_plain(p: Tensor, g: Tensor, v: Tensor, hp: Tensor) -> None:
+    _rmsprop_math(p, g, v, None, None, hp)
+
+
+def _k_centered(p: Tensor, g: Tensor, v: Tensor, ga: Tensor, hp: Tensor) -> None:
+    _rmsprop_math(p, g, v, ga, None, hp)
+
+
+def _k_momentum(p: Tensor, g: Tensor, v: Tensor, buf: Tensor, hp: Tensor) -> None:
+    _rmsprop_math(p, g, v, None, buf, hp)
+
+
+def _k_centered_momentum(p: Tensor, g: Tensor, v: Tensor, ga: Tensor, buf: Tensor,
+                         hp: Tensor) -> None:
+    _rmsprop_math(p, g, v, ga, buf, hp)
+
+
+_KERNELS = {(False, False): _k_plain, (True, False): _k_centered, (False, True): _k_momentum,
+            (True, True): _k_centered_momentum}
+
+
+def rmsprop_compiled(
+    params: list[Tensor], grads: list[Tensor], steps: list[Tensor], square_avgs: list[Tensor],
+    grad_avgs: list[Tensor] | None, bufs: list[Tensor] | None, *,
+    lr: float, alpha: float, eps: float, weight_decay: float, momentum: float, maximize: bool,
+) -> None:
+    """``compile=True``: the reference's equations as one compiled single-pass kernel per
+    tensor (``optimkit._compiled``); tensors it does not take run the reference."""
+    _increment(steps)
+    k = _compiled.kernel(_KERNELS[(grad_avgs is not None, bufs is not None)])
+    sign = -1.0 if maximize else 1.0
+    for i, (p, g, v) in enumerate(zip(params, grads, square_avgs)):
+        ga = grad_avgs[i] if grad_avgs is not None else None
+        b = bufs[i] if bufs is not None else None
+        extra = [t for t in (ga, b) if t is not None]
+        if _compiled.takes(p, v, *extra):
+            k(*_compiled.flat1d(p, g, v, *extra),
+              _compiled.scalars(p, lr, alpha, eps, weight_decay, momentum, sign))
+        else:
+            rmsprop_reference([p], [g], [torch.zeros(())], [v],
+                              [ga] if ga is not None else None, [b] if b is not None else None,
+                              lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
+                              momentum=momentum, maximize=maximize)
