@@ -153,7 +153,7 @@ class OptimizerBase(torch.optim.Optimizer):
         super().add_param_group(param_group)
         if self._flat:
             gi = len(self.param_groups) - 1
-            self._buckets[gi] = build_buckets(self.param_groups[gi]["params"])
+            self._buckets[gi] = build_buckets(self.param_groups[gi]["params"], whole=self._compile)
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()

@@ -86,13 +86,16 @@ def eligible(p: Tensor) -> bool:
     )
 
 
-def build_buckets(params: list[Tensor]) -> list[FlatBucket]:
-    """The buckets of one param group: its eligible parameters per (device, dtype)."""
+def build_buckets(params: list[Tensor], whole: bool = False) -> list[FlatBucket]:
+    """The buckets of one param group: its eligible parameters per (device, dtype).
+
+    ``whole``: one chunk per bucket (compiled single-pass kernels need no cache blocking, and
+    each call of one costs tens of microseconds)."""
     by_key: dict[tuple[torch.device, torch.dtype], list[tuple[int, Tensor]]] = {}
     for i, p in enumerate(params):
         if eligible(p) and p.numel() > 0:
             by_key.setdefault((p.device, p.dtype), []).append((i, p))
-    return [FlatBucket([p for _, p in ms], [i for i, _ in ms]) for ms in by_key.values()]
+    return [FlatBucket([p for _, p in ms], [i for i, _ in ms], whole) for ms in by_key.values()]
 
 
 class FlatBucket:
@@ -104,8 +107,9 @@ class FlatBucket:
     views in the parameters' shapes.
     """
 
-    def __init__(self, members: list[Tensor], indices: list[int]) -> None:
+    def __init__(self, members: list[Tensor], indices: list[int], whole: bool = False) -> None:
         self.members = members
+        self.whole = whole
         self.indices = indices  # positions in the param group (for error messages, order)
         self.numels = [p.numel() for p in members]
         self.offsets: list[int] = []
@@ -136,7 +140,8 @@ class FlatBucket:
                         v.copy_(g.to_dense() if g.is_sparse else g)
                     p.grad = v
         self.ptrs = [p.data_ptr() for p in members]
-        spans = [(a, min(a + CHUNK_NUMEL, n)) for a in range(0, n, CHUNK_NUMEL)]
+        step = n if whole else CHUNK_NUMEL
+        spans = [(a, min(a + step, n)) for a in range(0, n, step)]
         self.spans = spans
         self.chunk_p = [flat[a:b] for a, b in spans]
         self.chunk_g = [self.flat_g[a:b] for a, b in spans]
@@ -318,7 +323,7 @@ class FlatBucket:
             return [self]
         parts = []
         for i, j in runs:
-            nb = FlatBucket(self.members[i:j], self.indices[i:j])
+            nb = FlatBucket(self.members[i:j], self.indices[i:j], self.whole)
             nb.relink_from_members(opt, group)
             parts.append(nb)
         return parts

@@ -74,6 +74,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import _compiled
 from .. import _torch_compat as tc
 from .._base import ANY, PARAM_SHAPE, SCALAR, GroupWork, OptimizerBase, ParamsT
 from .._impl import group_by_device_dtype
@@ -153,6 +154,11 @@ class Prodigy(LowPrecisionStateMixin, OptimizerBase):
             ``optimkit._flatten``): the same math, far less per-tensor overhead with many
             small tensors. Re-points each eligible ``p.data`` and ``p.grad`` into the buffers;
             ``zero_grad()`` then zeroes gradients instead of setting them to ``None``.
+        compile: run both phases as ``torch.compile``-generated single-pass kernels
+            (``optimkit._compiled``): phase 1 reads ``g, p, p0, s`` once for both sums, phase 2
+            updates ``s, m, v, p`` in one pass. Groups with ``slice_p > 1`` or a narrower
+            ``state_dtype`` keep the default path. The first step compiles (seconds) and
+            needs a C++ compiler on CPU. Best with ``flat``.
 
     Example:
         >>> model = torch.nn.Linear(3, 1)
@@ -166,6 +172,7 @@ class Prodigy(LowPrecisionStateMixin, OptimizerBase):
 
     # Its foreach path (fused Adam kernel for phase 2) beats the loop at every size.
     _loop_on_cpu = False
+    _has_compiled = True
 
     def __init__(
         self,
@@ -190,6 +197,7 @@ class Prodigy(LowPrecisionStateMixin, OptimizerBase):
         foreach: bool | None = None,
         state_dtype: torch.dtype | None = None,
         flat: bool = False,
+        compile: bool = False,
     ) -> None:
         # On the optimizer, not in the groups (prodigyopt's group keys stay exactly its own).
         self._setup_state_dtype(state_dtype)
@@ -205,7 +213,7 @@ class Prodigy(LowPrecisionStateMixin, OptimizerBase):
         # (parameter, its new state): with flat=True a bucket's whole buffer and its state
         self._fresh: list[tuple[Tensor, dict[str, Any]]] = []
         self._scratch: dict[tuple[torch.device, torch.dtype], Tensor] = {}
-        super().__init__(params, defaults, flat=flat)
+        super().__init__(params, defaults, flat=flat, compile=compile)
 
     # ------------------------------------------------------------------ validation
     def _validate_group(self, g: dict[str, Any]) -> None:
@@ -368,9 +376,15 @@ class Prodigy(LowPrecisionStateMixin, OptimizerBase):
         c_num = (d / d0) * dlr  # the numerator's per-step scale (d/d0 keeps it away from 0)
         active = [w for w in works if w.params and float(w.group["lr"]) > 0]
         pieces: list[tuple[Any, Any, Any]] = []  # per group: (<g_sl, p0 - p_sl>, ||s'||_1, probe)
-        fast = {id(w): self._fast(w, beta1) for w in active}
+        comp = {id(w): self._compiled_applies(w) for w in active}
+        fast = {id(w): not comp[id(w)] and self._fast(w, beta1) for w in active}
         for w in active:
             grp = w.group
+            if comp[id(w)]:
+                pieces.append(prodigy_stats_compiled(
+                    w.params, w.grads, [st["s"] for st in w.states],
+                    [st["p0"] for st in w.states], **self._s_hp(grp, beta3, d, dlr)))
+                continue
             if fast[id(w)]:  # plain tensors: no DTensor unwrapping needed
                 pieces.append(prodigy_stats_fast(
                     w.params, w.grads, [st["s"] for st in w.states],
@@ -414,7 +428,7 @@ class Prodigy(LowPrecisionStateMixin, OptimizerBase):
         for w in works:
             if w.params and float(w.group["lr"]) > 0:
                 self._phase2(w, beta1, beta2, beta3, d, d_new, dlr, update_params=True,
-                             fast=fast[id(w)])
+                             fast=fast[id(w)], compiled=comp[id(w)])
             for st in w.states:
                 st["step"] += 1
 
@@ -458,9 +472,32 @@ class Prodigy(LowPrecisionStateMixin, OptimizerBase):
             buf = self._scratch[key] = torch.empty(n, dtype=p.dtype, device=p.device)
         return buf
 
+    def _compiled_applies(self, w: GroupWork) -> bool:
+        """``compile=True`` runs this group compiled: slice_p 1 (the kernels take whole
+        tensors), and every tensor plain, contiguous, with state in its own dtype."""
+        if w.impl != "compiled" or w.group["slice_p"] != 1:
+            return False
+        return all(type(p) in _PLAIN and p.dtype in (torch.float32, torch.float64)
+                   and _compiled.takes(p, *(st[k] for k in ("s", "exp_avg", "exp_avg_sq")
+                                            if k in st))
+                   and st["exp_avg_sq"].dtype == p.dtype and st["s"].dtype == p.dtype
+                   for p, st in zip(w.params, w.states))
+
     def _phase2(self, w: GroupWork, beta1: float, beta2: float, beta3: float, d: float,
-                d_new: float, dlr: float, *, update_params: bool, fast: bool = False) -> None:
+                d_new: float, dlr: float, *, update_params: bool, fast: bool = False,
+                compiled: bool = False) -> None:
         grp = w.group
+        if update_params and compiled:
+            decouple = self.param_groups[0]["decouple"]
+            prodigy_apply_compiled(
+                w.params, w.grads, [st["s"] for st in w.states],
+                [st["exp_avg"] for st in w.states] if beta1 > 0 else None,
+                [st["exp_avg_sq"] for st in w.states],
+                **self._s_hp(grp, beta3, d, dlr), beta1=beta1, beta2=beta2, d=d, d_new=d_new,
+                dlr=dlr, eps=float(grp["eps"]),
+                decoupled_wd=float(grp["weight_decay"]) if decouple else 0.0,
+            )
+            return
         if update_params and fast and _FAST_D_RANGE[0] < d < _FAST_D_RANGE[1]:
             decouple = self.param_groups[0]["decouple"]
             prodigy_apply_fused(
@@ -863,6 +900,95 @@ def prodigy_apply_fused(
                        amsgrad=False, lr=dlr, beta1=beta1, beta2=beta2,
                        weight_decay=coupled_wd * d, eps=d_new * eps, maximize=False,
                        grad_scale=inv_d, found_inf=None)
+
+
+# ------------------------------------------------------------------- compile=True kernels
+def _stats_kernel(p: Tensor, g: Tensor, s: Tensor, p0: Tensor, hp: Tensor) -> Tensor:
+    """Phase 1 of one 1-D tensor in one read of ``p, g, s, p0``: ``[<g, p0 - p>, ||s'||_1]``
+    with ``g <- g + coupled_wd * p`` and ``s' = beta3 s + c_s g``; ``hp = [beta3, c_s,
+    coupled_wd]``. Nothing is written (s' is written in phase 2)."""
+    beta3, c_s, wd = hp.unbind(0)
+    g = g + wd * p  # wd = 0 adds exactly 0
+    return torch.stack([torch.sum(g * (p0 - p)), torch.sum(torch.abs(beta3 * s + c_s * g))])
+
+
+def _apply_math(p: Tensor, g: Tensor, s: Tensor, m: Tensor | None, v: Tensor,
+                hp: Tensor) -> None:
+    """Phase 2 of one 1-D tensor in one pass: :func:`prodigy_apply_reference`'s equations.
+    ``hp = [beta3, c_s, coupled_wd, beta1, beta2, d, d_new, dlr, eps, decoupled_wd]``."""
+    beta3, c_s, wd, beta1, beta2, d, d_new, dlr, eps, wd_dec = hp.unbind(0)
+    g = g + wd * p
+    s.copy_(beta3 * s + c_s * g)
+    v_new = beta2 * v + d * d * (1 - beta2) * g * g
+    v.copy_(v_new)
+    denom = torch.sqrt(v_new) + d_new * eps
+    theta = p - (wd_dec * dlr) * p
+    if m is not None:
+        m_new = beta1 * m + d * (1 - beta1) * g
+        m.copy_(m_new)
+        p.copy_(theta - dlr * m_new / denom)
+    else:
+        p.copy_(theta - (dlr * d_new) * g / denom)
+
+
+# one entry point per variant: torch.compile keys its cache on the code object
+def _apply_kernel_m(p: Tensor, g: Tensor, s: Tensor, m: Tensor, v: Tensor, hp: Tensor) -> None:
+    _apply_math(p, g, s, m, v, hp)
+
+
+def _apply_kernel_no_m(p: Tensor, g: Tensor, s: Tensor, v: Tensor, hp: Tensor) -> None:
+    _apply_math(p, g, s, None, v, hp)
+
+
+def prodigy_stats_compiled(
+    params: list[Tensor], grads: list[Tensor], s: list[Tensor], p0: list[Tensor], *,
+    slice_p: int, beta3: float, c_s: float, coupled_wd: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Phase 1 with ``compile=True`` (slice_p 1): per tensor ``(dots, l1s)`` as tensors, and a
+    zero probe (every gradient entry is in the sums, so a NaN/inf shows there)."""
+    k = _compiled.kernel(_stats_kernel)
+    out = []
+    for p, g, s_, q in zip(params, grads, s, p0):
+        if p.numel() == 0:
+            continue
+        hp = _compiled.scalars(p, beta3, c_s, coupled_wd)
+        if q.dim() == 0:  # a zero p0 (prodigyopt's all-zero parameter): broadcast it
+            q = q.expand(p.shape)
+        if p.numel() >= 2 and q.is_contiguous():
+            out.append(k(*_compiled.flat1d(p, g, s_, q), hp))
+        else:  # tiny or broadcast p0: the reference's two sums, eagerly
+            gg = g.reshape(-1) + coupled_wd * p.reshape(-1)
+            out.append(torch.stack([torch.dot(gg, q.reshape(-1) - p.reshape(-1)),
+                                    (beta3 * s_ + c_s * gg).abs().sum()]))
+    acc = _acc_dtype(params[0].device)
+    zero = torch.zeros((), dtype=acc, device=params[0].device)
+    if not out:
+        return zero.reshape(1), zero.reshape(1), zero
+    both = torch.stack(out).to(acc)
+    return both[:, 0], both[:, 1], zero
+
+
+def prodigy_apply_compiled(
+    params: list[Tensor], grads: list[Tensor], s: list[Tensor], exp_avgs: list[Tensor] | None,
+    exp_avg_sqs: list[Tensor], *, slice_p: int, beta3: float, c_s: float, coupled_wd: float,
+    beta1: float, beta2: float, d: float, d_new: float, dlr: float, eps: float,
+    decoupled_wd: float,
+) -> None:
+    """Phase 2 with ``compile=True``: one compiled pass per tensor over ``p, g, s, m, v``."""
+    k = _compiled.kernel(_apply_kernel_m if exp_avgs is not None else _apply_kernel_no_m)
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if p.numel() == 0:
+            continue
+        hp = _compiled.scalars(p, beta3, c_s, coupled_wd, beta1, beta2, d, d_new, dlr, eps,
+                               decoupled_wd)
+        m = [exp_avgs[i]] if exp_avgs is not None else []
+        if p.numel() >= 2:
+            k(*_compiled.flat1d(p, g, s[i], *m, exp_avg_sqs[i]), hp)
+        else:
+            prodigy_apply_reference(
+                [p], [g], [s[i]], m or None, [exp_avg_sqs[i]], slice_p=1, beta3=beta3,
+                c_s=c_s, coupled_wd=coupled_wd, beta1=beta1, beta2=beta2, d=d, d_new=d_new,
+                dlr=dlr, eps=eps, decoupled_wd=decoupled_wd, stochastic_rounding=False)
 
 
 def _chunks(tensors: list[Tensor]) -> list[tuple[int, int]]:
