@@ -506,6 +506,7 @@ class Prodigy(LowPrecisionStateMixin, OptimizerBase):
                 **self._s_hp(grp, beta3, d, dlr), beta1=beta1, beta2=beta2, d=d, d_new=d_new,
                 dlr=dlr, eps=float(grp["eps"]),
                 decoupled_wd=float(grp["weight_decay"]) if decouple else 0.0,
+                scratch=self._scratch_for(w.params[0]),
             )
             return
         fn = prodigy_apply_reference if w.impl == "reference" else prodigy_apply_foreach
@@ -862,7 +863,7 @@ def prodigy_apply_fused(
     params: list[Tensor], grads: list[Tensor], s: list[Tensor], exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor], *, slice_p: int, beta3: float, c_s: float, coupled_wd: float,
     beta1: float, beta2: float, d: float, d_new: float, dlr: float, eps: float,
-    decoupled_wd: float,
+    decoupled_wd: float, scratch: Tensor,
 ) -> None:
     """Phase 2 through torch's single-pass fused Adam(W) kernel (beta1 > 0, one dtype).
 
@@ -877,18 +878,33 @@ def prodigy_apply_fused(
 
     which is :func:`prodigy_apply_foreach`'s update up to float32 rounding (``1/d`` rounded to
     float32, lerp, and ``c_s * g + (c_s * wd) * theta`` for ``c_s * (g + wd * theta)`` in ``s``).
-    ``s`` is updated per chunk just before the kernel runs on the chunk, so the gradient is
-    still in cache for the kernel; ``theta`` is read before the kernel writes it.
+
+    With a ``grad_scale`` the kernel writes the unscaled gradient back into its gradient
+    argument (it mirrors GradScaler's in-place unscale), so the kernel never sees ``p.grad``:
+    the work goes in pieces of at most ``scratch.numel()`` elements (whole small tensors, or
+    slices of large ones), each piece's gradients are copied into ``scratch`` (cache-sized, so
+    the kernel reads them from cache), ``s`` is updated from that copy, then the kernel runs.
     """
     dev = params[0].device
     inv_d = torch.tensor(1.0 / d, dtype=torch.float32, device=dev)
     step = tc.fused_adam_unit_step(dev)
-    for lo, hi in _chunks(params):
-        ps, gs = params[lo:hi], grads[lo:hi]
-        tc.foreach_mul_(s[lo:hi], beta3)
-        tc.foreach_add_(s[lo:hi], [g.view(-1)[::slice_p] for g in gs], alpha=c_s)
+    for piece in _pieces([p.numel() for p in params], scratch.numel()):
+        ps = [params[i].view(-1)[a:b] for i, a, b in piece]
+        gs = [grads[i].view(-1)[a:b] for i, a, b in piece]
+        gk, off = [], 0
+        for g in gs:
+            gk.append(scratch[off:off + g.numel()])
+            off += g.numel()
+        tc.foreach_copy_(gk, gs)
+        # s covers elements 0, slice_p, 2 slice_p, ... of each tensor: those inside [a, b)
+        firsts = [-(-a // slice_p) * slice_p for _, a, _ in piece]
+        ss = [s[i][f // slice_p:-(-b // slice_p)] for (i, _, b), f in zip(piece, firsts)]
+        tc.foreach_mul_(ss, beta3)
+        tc.foreach_add_(ss, [g[f - a::slice_p] for g, (_, a, _), f in zip(gk, piece, firsts)],
+                        alpha=c_s)
         if coupled_wd != 0:  # s <- beta3 s + c_s (g + wd theta)_sl, without a temporary
-            tc.foreach_add_(s[lo:hi], [p.view(-1)[::slice_p] for p in ps], alpha=c_s * coupled_wd)
+            tc.foreach_add_(ss, [x[f - a::slice_p] for x, (_, a, _), f in zip(ps, piece, firsts)],
+                            alpha=c_s * coupled_wd)
         if decoupled_wd != 0:
             # Not the kernel's decoupled decay: it multiplies by (1 - dlr * wd) rounded to
             # float32, and while dlr * wd is near float32's epsilon (Prodigy's first steps,
@@ -896,10 +912,30 @@ def prodigy_apply_fused(
             # every element: a bias in p - p0 that moved d by 0.5% in 30 steps. Adding
             # -dlr*wd*theta rounds once per element, as the foreach path does.
             tc.foreach_add_(ps, ps, alpha=-decoupled_wd * dlr)
-        tc.fused_adam_(ps, gs, exp_avgs[lo:hi], exp_avg_sqs[lo:hi], [], [step] * (hi - lo),
-                       amsgrad=False, lr=dlr, beta1=beta1, beta2=beta2,
+        tc.fused_adam_(ps, gk, [exp_avgs[i].view(-1)[a:b] for i, a, b in piece],
+                       [exp_avg_sqs[i].view(-1)[a:b] for i, a, b in piece], [],
+                       [step] * len(piece), amsgrad=False, lr=dlr, beta1=beta1, beta2=beta2,
                        weight_decay=coupled_wd * d, eps=d_new * eps, maximize=False,
                        grad_scale=inv_d, found_inf=None)
+
+
+def _pieces(numels: list[int], cap: int) -> list[list[tuple[int, int, int]]]:
+    """Group ``(tensor index, start, end)`` element ranges into pieces of at most ``cap``
+    elements: consecutive whole tensors while they fit, a larger tensor cut into slices."""
+    out: list[list[tuple[int, int, int]]] = []
+    cur: list[tuple[int, int, int]] = []
+    size = 0
+    for i, n in enumerate(numels):
+        for a in range(0, n, cap):
+            b = min(n, a + cap)
+            if size + (b - a) > cap:
+                out.append(cur)
+                cur, size = [], 0
+            cur.append((i, a, b))
+            size += b - a
+    if cur:
+        out.append(cur)
+    return out
 
 
 # ------------------------------------------------------------------- compile=True kernels
