@@ -13,6 +13,7 @@ The same model, data and training loop serve the single-process reference runs
 Scenarios (each over a list of optimizer case names):
 
 ``ddp``         DistributedDataParallel + an optimkit optimizer, half the batch per rank.
+``ddp_flat``    the same with ``flat=True``.
 ``zero``        DDP + ``ZeroRedundancyOptimizer(optimizer_class=optimkit.X)``; Prodigy gets
                 ``fsdp_in_use=True`` so its d statistics are all-reduced over the shards.
 ``zero_noreduce`` Prodigy under ZeRO *without* ``fsdp_in_use``: records per-rank d (shows the
@@ -215,10 +216,12 @@ def run_scenario(scenario: str, name: str, data: dict, rank: int, world: int, tm
     import torch.distributed as dist
 
     out: dict[str, Any] = {}
-    if scenario == "ddp":
+    if scenario in ("ddp", "ddp_flat"):
         model = DigitsMLP()
         ddp = _ddp(model)
-        opt = make_optimizer(name, ddp.parameters())
+        # ddp_flat: flat=True after DDP is built (it re-points p.data and p.grad into flat
+        # buffers; DDP copies its reduced buckets into the existing p.grad tensors)
+        opt = make_optimizer(name, ddp.parameters(), **({"flat": True} if scenario == "ddp_flat" else {}))
         out["d"] = train(ddp, opt, data, 0, STEPS, rank, world)
         out["params"] = params_of(model)
     elif scenario in ("zero", "zero_noreduce"):

@@ -52,6 +52,7 @@ def _subset(*want: str) -> list[str]:
 STATEFUL = _subset(("SGD", True), ("Adagrad", False), ("Adam", False), ("Prodigy", False))
 PLAN = [
     ("ddp", NAMES),
+    ("ddp_flat", NAMES),
     ("zero", NAMES),
     ("zero_noreduce", PRODIGY),
     ("zero_ckpt", STATEFUL),
@@ -148,6 +149,14 @@ def test_ddp_matches_single_process(job, reference, name):
     r0, r1 = outcome(job, "ddp", name)
     assert_ranks_identical(r0, r1)
     assert_matches(r0, reference(name), TOL, f"DDP {name}")
+    assert_trained(r0["params"])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ddp_with_flat_buffers_matches_single_process(job, reference, name):
+    r0, r1 = outcome(job, "ddp_flat", name)
+    assert_ranks_identical(r0, r1)
+    assert_matches(r0, reference(name), TOL, f"DDP flat=True {name}")
     assert_trained(r0["params"])
 
 
