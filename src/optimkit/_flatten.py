@@ -150,6 +150,7 @@ class FlatBucket:
         self._had_state = False  # ... and not empty
         self.chunk_states: list[dict[str, Any]] = []
         self._vecs: dict[str, Tensor] = {}  # 0-dim tensor counters: the members' values
+        self._member_states: list[dict[str, Any]] = []  # the members' opt.state dicts
         self.synced = True  # members' counters agree, so the bucket may step flat
 
     def _views(self, flat: Tensor, shapes: list[Any] | None = None) -> list[Tensor]:
@@ -228,6 +229,7 @@ class FlatBucket:
                 )
         for p, ms in zip(self.members, member_states):
             opt.state[p] = ms
+        self._member_states = member_states  # the same dicts: updated without hashing tensors
 
     def after_step(self, opt: OptimizerBase, group: dict[str, Any]) -> None:
         """Bring the members' counters up to date; adopt state created during the step."""
@@ -256,8 +258,8 @@ class FlatBucket:
         for k, v in first.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool) and v != self.state[k]:
                 self.state[k] = v
-                for p in self.members:
-                    opt.state[p][k] = v
+                for ms in self._member_states:
+                    ms[k] = v
 
     def relink_from_members(self, opt: OptimizerBase, group: dict[str, Any]) -> None:
         """Rebuild the flat state from the members' ``opt.state`` (after ``load_state_dict``,
