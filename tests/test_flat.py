@@ -308,3 +308,28 @@ def test_prodigy_nonfinite_first_step_rolls_back_flat_state():
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     _train(model, opt, range(1, 6))  # and it trains afterwards
     assert opt.param_groups[0]["k"] == 5 and float(opt.state[model[0].weight]["step"]) == 5
+
+
+def test_a_group_added_later_is_flattened_too():
+    ma, mb = _mlp(), _mlp()
+    a = optimkit.SGD(list(ma[0].parameters()), lr=0.05, momentum=0.9, foreach=False)
+    b = optimkit.SGD(list(mb[0].parameters()), lr=0.05, momentum=0.9, flat=True)
+    for m, o in ((ma, a), (mb, b)):
+        for p in m[3].parameters():
+            p.requires_grad_(False)
+        _train(m, o, range(3))
+        for p in m[3].parameters():
+            p.requires_grad_(True)
+        o.add_param_group({"params": list(m[3].parameters()), "lr": 0.02})
+        _train(m, o, range(3, 10))
+    assert len(b._buckets[1]) == 1 and b._buckets[1][0].synced
+    _assert_models_equal(ma, mb, rtol=1e-12, atol=1e-14)
+
+
+def test_lookahead_over_a_flat_optimizer_matches_the_per_tensor_one():
+    ma, mb = _mlp(), _mlp()
+    a = optimkit.Lookahead(optimkit.Adam(ma.parameters(), foreach=False), k=3, alpha=0.5)
+    b = optimkit.Lookahead(optimkit.Adam(mb.parameters(), flat=True), k=3, alpha=0.5)
+    _train(ma, a, range(12))
+    _train(mb, b, range(12))
+    _assert_models_equal(ma, mb, rtol=1e-12, atol=1e-14)
