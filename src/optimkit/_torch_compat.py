@@ -58,6 +58,16 @@ def fused_adam_unit_step(device: torch.device) -> Tensor:
                         device=None if device.type == "cpu" else device)
 
 
+def increment_steps(steps: list[Tensor]) -> None:
+    """t <- t + 1 for a list of 0-dim ``step`` counters, in place."""
+    if all(s.is_cpu for s in steps):
+        # A tensor scalar keeps CPU foreach on its fast overload (a Python 1 is re-wrapped
+        # into a tensor once per counter).
+        foreach_add_(steps, torch.tensor(1.0), alpha=1.0)
+    else:
+        foreach_add_(steps, 1.0)
+
+
 def scalar_dtype() -> torch.dtype:
     """dtype torch.optim uses for its 0-dim ``step`` counters (float64 under a float64 default)."""
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32

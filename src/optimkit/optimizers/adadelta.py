@@ -146,7 +146,7 @@ def adadelta_foreach(
     """Multi-tensor path: the same equations with ``torch._foreach_*`` per (device, dtype)."""
     lists = (params, grads, steps, square_avgs, acc_deltas)
     for (ps, gs, ts, vs, us), _ in group_by_device_dtype(*lists).values():
-        _increment(ts)
+        tc.increment_steps(ts)
         if maximize:
             gs = tc.foreach_neg(gs)
         if weight_decay != 0:
@@ -183,7 +183,7 @@ def adadelta_compiled(
 ) -> None:
     """``compile=True``: the same equations as one compiled single-pass kernel per tensor
     (see ``optimkit._compiled``); tensors it does not take run the reference."""
-    _increment(steps)
+    tc.increment_steps(steps)
     sign = -1.0 if maximize else 1.0
     for p, g, v, u in zip(params, grads, square_avgs, acc_deltas):
         if _compiled.takes(p, v, u):
@@ -192,12 +192,3 @@ def adadelta_compiled(
         else:
             adadelta_reference([p], [g], [torch.zeros(())], [v], [u], lr=lr, rho=rho, eps=eps,
                                weight_decay=weight_decay, maximize=maximize)
-
-
-def _increment(steps: list[Tensor]) -> None:
-    """t <- t + 1 for a list of 0-dim step tensors."""
-    if steps[0].is_cpu:
-        # A CPU tensor operand avoids wrapping the Python 1 into a tensor once per step tensor.
-        tc.foreach_add_(steps, torch.tensor(1.0), alpha=1.0)
-    else:
-        tc.foreach_add_(steps, 1)

@@ -154,15 +154,6 @@ def _pick(idx: list[int], *lists: list[Tensor]) -> list[list[Tensor]]:
     return [[lst[i] for i in idx] for lst in lists]
 
 
-def _increment(steps: list[Tensor]) -> None:
-    """t <- t + 1 for a list of 0-dim step tensors."""
-    if steps[0].is_cpu:
-        # A CPU tensor operand avoids wrapping the Python 1 into a tensor once per step tensor.
-        tc.foreach_add_(steps, torch.tensor(1.0), alpha=1.0)
-    else:
-        tc.foreach_add_(steps, 1)
-
-
 # ---------------------------------------------------------------------------------- math
 def adagrad_reference(
     params: list[Tensor], grads: list[Tensor], sums: list[Tensor], steps: list[Tensor], *,
@@ -202,7 +193,7 @@ def adagrad_foreach(
 ) -> None:
     """Multi-tensor path (dense gradients): the same equations with ``torch._foreach_*``."""
     for (ps, gs, ss, ts), _ in group_by_device_dtype(params, grads, sums, steps).values():
-        _increment(ts)  # t
+        tc.increment_steps(ts)  # t
         if maximize:
             gs = tc.foreach_neg(gs)
         if weight_decay != 0:
@@ -225,7 +216,7 @@ def adagrad_fused(
     """torch's fused single-pass Adagrad kernel (dense gradients), per (device, dtype) bucket."""
     buckets = group_by_device_dtype(params, grads, sums, steps)
     for (device, _), ((ps, gs, ss, ts), _) in buckets.items():
-        _increment(ts)  # the kernel reads t, it does not advance it
+        tc.increment_steps(ts)  # the kernel reads t, it does not advance it
         if ts and ts[0].device != device:
             # Steps live on the CPU (as in torch's non-fused Adagrad); one copy per bucket.
             ts = list(torch.stack(ts).to(device, non_blocking=True).unbind(0))

@@ -296,12 +296,7 @@ def advance_steps(steps: list[Tensor]) -> list[float]:
 
     One host transfer for the whole list (``stack().tolist()``), not one ``.item()`` each.
     """
-    if all(s.is_cpu for s in steps):
-        # A tensor scalar keeps CPU foreach on its fast overload (a Python 1 is re-wrapped
-        # into a tensor once per counter).
-        tc.foreach_add_(steps, torch.tensor(1.0), alpha=1.0)
-    else:
-        tc.foreach_add_(steps, 1.0)
+    tc.increment_steps(steps)
     if len({(s.device, s.dtype) for s in steps}) > 1:
         steps = [s.to("cpu", torch.float64) for s in steps]
     return torch.stack(steps).tolist()

@@ -246,7 +246,7 @@ def rmsprop_foreach(
         rest = blists[4:]
         ms = rest.pop(0) if grad_avgs is not None else None
         bs = rest.pop(0) if bufs is not None else None
-        _increment(ts)
+        tc.increment_steps(ts)
         if maximize:
             gs = tc.foreach_neg(gs)
         if weight_decay != 0:
@@ -266,15 +266,6 @@ def rmsprop_foreach(
             tc.foreach_add_(ps, bs, alpha=-lr)
         else:
             tc.foreach_addcdiv_(ps, gs, den, value=-lr)
-
-
-def _increment(steps: list[Tensor]) -> None:
-    """t <- t + 1 for a list of 0-dim step tensors."""
-    if steps[0].is_cpu:
-        # A CPU tensor operand avoids wrapping the Python 1 into a tensor once per step tensor.
-        tc.foreach_add_(steps, torch.tensor(1.0), alpha=1.0)
-    else:
-        tc.foreach_add_(steps, 1)
 
 
 def rmsprop_fused(
@@ -304,7 +295,7 @@ def rmsprop_fused(
             )
         if not flat:
             continue
-        _increment([ts[j] for j in flat])
+        tc.increment_steps([ts[j] for j in flat])
         buf = scratch(device, dtype)
         cap = buf.numel()
         kstep = tc.fused_adam_unit_step(device)
@@ -400,7 +391,7 @@ def rmsprop_compiled(
 ) -> None:
     """``compile=True``: the reference's equations as one compiled single-pass kernel per
     tensor (``optimkit._compiled``); tensors it does not take run the reference."""
-    _increment(steps)
+    tc.increment_steps(steps)
     k = _compiled.kernel(_KERNELS[(grad_avgs is not None, bufs is not None)])
     sign = -1.0 if maximize else 1.0
     for i, (p, g, v) in enumerate(zip(params, grads, square_avgs)):
