@@ -116,6 +116,11 @@ class OptimizerBase(torch.optim.Optimizer):
     def _update(self, work: GroupWork) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _fused_flag(self, group: dict[str, Any]) -> bool | None:
+        """The ``fused=`` choice for ``group``: its key, or the optimizer's where torch's class
+        has no such group key (``_fused_in_group``)."""
+        return group.get("fused") if self._fused_in_group else getattr(self, "_fused", None)
+
     def _fused_applies(self, group: dict[str, Any]) -> bool:
         """Whether the fused path covers this group's options (RMSprop: not centered, ...)."""
         return True
@@ -142,7 +147,7 @@ class OptimizerBase(torch.optim.Optimizer):
         # Validate the group as it will be (defaults filled in) before adding anything.
         merged = {**getattr(self, "defaults", {}), **{k: v for k, v in param_group.items() if k != "params"}}
         check_impl_flags(owner, merged.get("foreach"), merged.get("fused"), self._has_fused)
-        fused = merged.get("fused") if self._fused_in_group else getattr(self, "_fused", None)
+        fused = self._fused_flag(merged)
         if getattr(self, "_compile", False) and (merged.get("foreach") is not None or fused):
             raise ValueError(
                 f"{owner}: compile=True chooses the implementation itself; leave foreach and "
@@ -218,7 +223,7 @@ class OptimizerBase(torch.optim.Optimizer):
         for b, _ in flat_work:
             params.extend(b.chunk_p)
             grads.extend(b.chunk_g)
-        fused = group.get("fused") if self._fused_in_group else getattr(self, "_fused", None)
+        fused = self._fused_flag(group)
         has_fused = self._has_fused and self._fused_applies(group)
         if not has_fused:
             fused = None  # no kernel for this group's options: the policy as without one

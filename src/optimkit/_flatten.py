@@ -166,9 +166,11 @@ class FlatBucket:
         """Indices of members whose gradient must be copied in; ``None`` if the bucket cannot
         step flat this time (a member without a usable dense gradient, or counters that
         disagree)."""
+        if not self.synced:
+            return None
         views = self.grad_views
         if all(p.grad is v for p, v in zip(self.members, views)):
-            return [] if self.synced else None
+            return []
         repair = []
         for i, (p, v) in enumerate(zip(self.members, views)):
             g = p.grad
@@ -177,7 +179,7 @@ class FlatBucket:
             if g is None or g.is_sparse or g.shape != v.shape or g.device != v.device:
                 return None
             repair.append(i)
-        return repair if self.synced else None
+        return repair
 
     def repair(self, idx: list[int]) -> None:
         """Copy replaced gradients into the flat buffer and point ``p.grad`` back at it."""
