@@ -138,3 +138,65 @@ def test_index_lists_every_optimizer():
     idx = render_index()
     for name in REGISTRY:
         assert f"[{name}]({name}.md)" in idx
+
+
+# ------------------------------------------------------------- AMSGrad: text == computation
+def _adam_rule_as_documented(grads, lr, b1, b2, eps, wd, decoupled, amsgrad):
+    """The registry's Adam/AdamW update rule, transcribed line by line for one scalar."""
+    theta, m, v, v_max = 1.0, 0.0, 0.0, 0.0
+    for t, grad in enumerate(grads, start=1):
+        g = grad
+        if decoupled:
+            theta = theta * (1 - lr * wd)  # theta <- theta * (1 - lr * weight_decay)
+        else:
+            g = grad + wd * theta  # g <- grad + weight_decay * theta
+        m = b1 * m + (1 - b1) * g  # m <- beta1 * m + (1 - beta1) * g
+        v = b2 * v + (1 - b2) * g * g  # v <- beta2 * v + (1 - beta2) * g^2
+        m_hat = m / (1 - b1 ** t)  # m_hat = m / (1 - beta1^t)
+        if amsgrad:
+            v_max = max(v_max, v)  # v_max <- max(v_max, v)
+            v_hat = v_max / (1 - b2 ** t)  # v_hat = v_max / (1 - beta2^t)   if amsgrad
+        else:
+            v_hat = v / (1 - b2 ** t)  # v / (1 - beta2^t)   otherwise
+        theta = theta - lr * m_hat / (v_hat ** 0.5 + eps)
+    return theta
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_amsgrad_rule_in_explain_is_what_the_optimizer_computes(name, capsys):
+    """The documented AMSGrad is torch's: the max of the uncorrected v, bias-corrected after
+    (pytorch/pytorch#142323). Checked on the text, then numerically: a scalar transcription of
+    the text reproduces optimkit's trajectory, and the wrong reading (max of v_hat) does not."""
+    spec = get_spec(name)
+    rule = spec.update_rule
+    assert "v_max <- max(v_max, v) " in rule and "v_hat = v_max / (1 - beta2^t)   if amsgrad" in rule
+    assert "max(v_max, v_hat)" not in rule
+    doc = spec.hyperparam("amsgrad").doc
+    assert "v_max = max(v_max, v)" in doc and "v_hat = v_max / (1 - beta2^t)" in doc
+    main(["explain", name])
+    out = capsys.readouterr().out
+    assert "v_max <- max(v_max, v) " in out and "max(v_max, v_hat)" not in out
+
+    # large first gradient, then small ones: v_hat = v / (1 - b2^t) shrinks while v first
+    # grows then decays, so the two readings of "max" give different denominators
+    grads = [1.0, 0.1, -0.3, 0.1, 0.05, 2.0, 0.1, -0.1]
+    lr, b1, b2, eps, wd = 0.1, 0.9, 0.999, 1e-8, 0.05
+    decoupled = name == "adamw"
+    for amsgrad in (True, False):
+        p = torch.nn.Parameter(torch.ones(1, dtype=torch.float64))
+        opt = spec.cls([p], lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd, amsgrad=amsgrad)
+        for g in grads:
+            p.grad = torch.tensor([g], dtype=torch.float64)
+            opt.step()
+        documented = _adam_rule_as_documented(grads, lr, b1, b2, eps, wd, decoupled, amsgrad)
+        assert p.item() == pytest.approx(documented, rel=1e-12, abs=1e-14), amsgrad
+
+    # the check can fail: the max of the bias-corrected v_hat moves the parameter elsewhere
+    theta, m, v, vmax = 1.0, 0.0, 0.0, 0.0
+    for t, grad in enumerate(grads, start=1):
+        g = grad if decoupled else grad + wd * theta
+        theta = theta * (1 - lr * wd) if decoupled else theta
+        m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+        vmax = max(vmax, v / (1 - b2 ** t))
+        theta -= lr * (m / (1 - b1 ** t)) / (vmax ** 0.5 + eps)
+    assert abs(theta - _adam_rule_as_documented(grads, lr, b1, b2, eps, wd, decoupled, True)) > 1e-3

@@ -147,15 +147,18 @@ g <- grad + weight_decay * theta                (coupled L2, Adam only; -grad if
 theta <- theta * (1 - lr * weight_decay)        (decoupled, AdamW / decoupled_weight_decay=True)
 m <- beta1 * m + (1 - beta1) * g
 v <- beta2 * v + (1 - beta2) * g^2
-m_hat = m / (1 - beta1^t);  v_hat = v / (1 - beta2^t)
-v_max <- max(v_max, v_hat)                      (amsgrad only; then v_hat = v_max)
+m_hat = m / (1 - beta1^t)
+v_max <- max(v_max, v)                          (amsgrad only: max of the UNcorrected v)
+v_hat = v_max / (1 - beta2^t)   if amsgrad
+        v / (1 - beta2^t)       otherwise
 theta <- theta - lr * m_hat / (sqrt(v_hat) + eps)"""
 
 _ADAM_HP_TAIL = (
     _eps(1e-8),
     HyperParam("amsgrad", False, "True or False",
-               "Use the running maximum of v_hat in the denominator, so per-coordinate step "
-               "sizes never grow; costs one more state buffer."),
+               "Divide by the running maximum of the uncorrected second moment, as torch.optim "
+               "computes it: v_max = max(v_max, v), then v_hat = v_max / (1 - beta2^t). The "
+               "uncorrected denominator never shrinks; costs one more state buffer."),
     _maximize(), _foreach(), _fused(),
 )
 
