@@ -417,3 +417,266 @@ def test_lr_scheduler_accepts_it() -> None:
             lrs.append(base.param_groups[0]["lr"])
     expected = [0.1 * (1 + math.cos(math.pi * t / 10)) / 2 for t in range(1, 11)]
     assert lrs == pytest.approx(expected, abs=1e-12)
+
+
+# ------------------------------------------------- the state view: where each key lives
+def _walk_and_write_back(opt, move=lambda t: t.clone()):
+    """What Lightning's ``_optimizer_to_device`` does after every ``load_state_dict``
+    (lightning/fabric/utilities/optimizer.py, 2.x): write each entry back into the mapping."""
+    from collections.abc import MutableMapping
+
+    for p, v in opt.state.items():
+        if not isinstance(v, MutableMapping):
+            opt.state[p] = {k: move(x) for k, x in v.items()}
+            continue
+        for key, val in v.items():
+            if key != "step":
+                v[key] = move(val)
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: optimkit.AdamW(ps, lr=1e-2),
+    lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+], ids=["optimkit.AdamW", "torch.SGD"])
+def test_writing_state_entries_back_keeps_slow_weights_out_of_the_base(make) -> None:
+    """Regression: ``state[p]`` was a ChainMap whose writes all went to the base's dict, so
+    Lightning's device move after a resume copied ``slow_param``/``slow_momentum`` into the
+    base optimizer's state (and from there into every later checkpoint)."""
+    steps, cut = 14, 7
+    full, _ = run_wrapped(lambda ps: Lookahead(make(ps), k=3, pullback_momentum="pullback"), steps)
+    params, opt = run_wrapped(lambda ps: Lookahead(make(ps), k=3, pullback_momentum="pullback"), steps,
+                              stop_after=cut)
+    slow_before = {p: dict(opt._slow[p]) for p in params}
+    _walk_and_write_back(opt)
+    for p in params:
+        assert not set(opt.base.state[p]) & {"slow_param", "slow_momentum"}
+        assert set(opt._slow[p]) == {"slow_param", "slow_momentum"}
+        for key, old in slow_before[p].items():  # the written value is the one Lookahead uses
+            assert opt._slow[p][key] is not old and torch.equal(opt._slow[p][key], old)
+            assert opt.state[p][key] is opt._slow[p][key]
+    sd = opt.state_dict()
+    assert all(not set(st) & {"slow_param", "slow_momentum"} for st in sd["state"].values())
+    # the whole-entry form (older Lightning: optimizer.state[p] = moved copy) splits the same way
+    for p in params:
+        opt.state[p] = {k: v.clone() for k, v in opt.state[p].items()}
+        assert not set(opt.base.state[p]) & {"slow_param", "slow_momentum"}
+        assert set(opt._slow[p]) == {"slow_param", "slow_momentum"}
+    for x, y in list(_batches(steps))[cut:]:
+        opt.zero_grad()
+        _loss(params, x, y).backward()
+        opt.step()
+    for a, b in zip(params, full):
+        assert torch.equal(a, b)
+
+
+def test_state_view_mapping_behaviour() -> None:
+    params, base, opt = _sgd_la(k=2, pullback_momentum="pullback")
+    assert opt.state[params[0]] is base.state[params[0]]  # no slow weights yet: the base's dict
+    run_wrapped(None, 2, opt_and_params=(opt, params))
+    st = opt.state[params[0]]
+    assert set(st) == {"momentum_buffer", "slow_param", "slow_momentum"} and len(st) == 3
+    assert "slow_param" in st and "exp_avg" not in st and "slow_param" in repr(st)
+    # a slow key without slow weights is refused, and nothing changes
+    with pytest.raises(ValueError, match="no 'slow_param'"):
+        opt.state[params[0]] = {"momentum_buffer": torch.zeros(5, 3), "slow_momentum": torch.zeros(5, 3)}
+    assert set(opt.state[params[0]]) == {"momentum_buffer", "slow_param", "slow_momentum"}
+    # state[p] = base-only entries: the slow weights restart from the parameter at the next step
+    opt.state[params[1]] = {"momentum_buffer": base.state[params[1]]["momentum_buffer"]}
+    assert params[1] not in opt._slow and set(opt.state[params[1]]) == {"momentum_buffer"}
+    del opt.state[params[0]]["slow_param"]  # deleting slow_param forgets p's slow weights
+    assert params[0] not in opt._slow
+    run_wrapped(None, 1, opt_and_params=(opt, params))
+    assert set(opt._slow) == set(params)
+    del opt.state[params[0]]
+    assert params[0] not in base.state and params[0] not in opt._slow
+    with pytest.raises(KeyError):
+        del opt.state[params[0]]
+
+
+def test_loads_a_checkpoint_whose_base_state_holds_slow_copies() -> None:
+    """Checkpoints written by Lightning with the old state view have slow keys in the base's
+    per-parameter state too; the copies in "lookahead" are the real ones and win."""
+    steps, cut = 12, 5
+    full, _ = run_wrapped(lambda ps: Lookahead(optimkit.AdamW(ps, lr=1e-2), k=3, pullback_momentum="pullback"),
+                          steps)
+    part, opt = run_wrapped(lambda ps: Lookahead(optimkit.AdamW(ps, lr=1e-2), k=3, pullback_momentum="pullback"),
+                            steps, stop_after=cut)
+    sd = _roundtrip(opt.state_dict())
+    for pid, st in sd["state"].items():  # what the old view left there: stale copies
+        st.update({k: torch.full_like(v, 123.0) for k, v in sd["lookahead"]["slow_state"][pid].items()})
+    params = [nn.Parameter(p.detach().clone()) for p in part]
+    resumed = Lookahead(optimkit.AdamW(params, lr=1e-2), k=3)
+    resumed.load_state_dict(sd)
+    assert all(not set(resumed.base.state[p]) & {"slow_param", "slow_momentum"} for p in params)
+    for x, y in list(_batches(steps))[cut:]:
+        resumed.zero_grad()
+        _loss(params, x, y).backward()
+        resumed.step()
+    for a, b in zip(params, full):
+        assert torch.equal(a, b)
+
+
+# ------------------------------------------------------- load_state_dict: refusals, atomic
+def _snapshot(opt) -> dict:
+    """Every tensor and value a load could change, cloned; compared bit for bit."""
+    def freeze(v):
+        return v.detach().clone() if isinstance(v, torch.Tensor) else v
+
+    return {
+        "base_state": {id(p): {k: freeze(v) for k, v in st.items()} for p, st in opt.base.state.items()},
+        "slow": {id(p): {k: freeze(v) for k, v in st.items()} for p, st in opt._slow.items()},
+        "groups": [{k: ([id(p) for p in v] if k == "params" else freeze(v)) for k, v in g.items()}
+                   for g in opt.param_groups],
+        "lookahead": (opt.k, opt.alpha, opt.pullback_momentum, opt._lookahead_step),
+        "params": [freeze(p) for g in opt.param_groups for p in g["params"]],
+        "rng": torch.get_rng_state(),
+    }
+
+
+def _assert_same(a, b, path="") -> None:
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), path
+        for k in a:
+            _assert_same(a[k], b[k], f"{path}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{path}/{i}")
+    elif isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, path
+        assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)), path  # bits
+    else:
+        assert a == b and type(a) is type(b), path
+
+
+def _la_at(make, steps, k=3, alpha=0.5):
+    params = [nn.Parameter(p.clone()) for p in _init()]
+    opt = Lookahead(make(params), k=k, alpha=alpha, pullback_momentum="pullback")
+    run_wrapped(None, steps, opt_and_params=(opt, params))
+    return params, opt
+
+
+def _break_lookahead(sd, how):
+    la = sd["lookahead"]
+    if how == "alpha":
+        la["alpha"] = 1.5
+    elif how == "shape":
+        la["slow_state"][0]["slow_param"] = torch.zeros(7, dtype=F64)
+    elif how == "index":
+        la["slow_state"][9] = la["slow_state"][0]
+    elif how == "bool_index":
+        la["slow_state"][True] = la["slow_state"].pop(1)
+    elif how == "slow_state_type":
+        la["slow_state"] = [la["slow_state"][0]]
+    elif how == "extra_key":
+        la["slow_state"][0]["exp_avg"] = la["slow_state"][0]["slow_param"]
+    elif how == "missing":
+        del la["step"]
+    return sd
+
+
+BASES = {
+    "optimkit.AdamW": lambda ps: optimkit.AdamW(ps, lr=1e-2),
+    "torch.SGD": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+}
+
+
+@pytest.mark.parametrize("how", ["alpha", "shape", "index", "bool_index", "slow_state_type", "extra_key", "missing"])
+@pytest.mark.parametrize("base", sorted(BASES))
+def test_rejected_lookahead_part_changes_nothing_not_even_the_base(base, how) -> None:
+    """The base part of the state_dict is valid and differs from the current state: had the
+    base been loaded before Lookahead's checks, its state would have changed."""
+    _, other = _la_at(BASES[base], 8, k=4, alpha=0.3)
+    sd = _break_lookahead(_roundtrip(other.state_dict()), how)
+    _, opt = _la_at(BASES[base], 5)
+    before = _snapshot(opt)
+    with pytest.raises(ValueError, match=r"Lookahead(\.load_state_dict)?: "):
+        opt.load_state_dict(sd)
+    _assert_same(before, _snapshot(opt))
+
+
+def _break_base(sd, how):
+    if how == "groups":
+        sd["param_groups"].append(dict(sd["param_groups"][0], params=[]))
+    elif how == "group_size":
+        sd["param_groups"][0]["params"] = sd["param_groups"][0]["params"][:1]
+    elif how == "state_shape":
+        key = "exp_avg" if "exp_avg" in sd["state"][0] else "momentum_buffer"
+        sd["state"][0][key] = torch.zeros(2, dtype=F64)
+    return sd
+
+
+@pytest.mark.parametrize("base, how", [
+    ("optimkit.AdamW", "groups"), ("optimkit.AdamW", "group_size"), ("optimkit.AdamW", "state_shape"),
+    ("torch.SGD", "groups"), ("torch.SGD", "group_size"),
+])
+def test_rejected_base_part_changes_nothing_not_even_lookahead(base, how) -> None:
+    _, other = _la_at(BASES[base], 8, k=4, alpha=0.3)
+    sd = _break_base(_roundtrip(other.state_dict()), how)
+    _, opt = _la_at(BASES[base], 5)
+    before = _snapshot(opt)
+    with pytest.raises(ValueError):
+        opt.load_state_dict(sd)
+    _assert_same(before, _snapshot(opt))
+
+
+def test_snapshot_comparison_can_fail() -> None:
+    _, opt = _la_at(BASES["optimkit.AdamW"], 5)
+    _, other = _la_at(BASES["optimkit.AdamW"], 8, k=4, alpha=0.3)
+    before = _snapshot(opt)
+    opt.load_state_dict(other.state_dict())
+    with pytest.raises(AssertionError):
+        _assert_same(before, _snapshot(opt))
+
+
+@pytest.mark.parametrize("base", sorted(BASES))
+def test_plain_state_dict_into_lookahead_is_refused_with_the_way_to_load_it(base) -> None:
+    _, opt = _la_at(BASES[base], 5)
+    plain = _roundtrip(opt.base.state_dict())
+    before = _snapshot(opt)
+    name = type(opt.base).__name__
+    with pytest.raises(ValueError, match=rf"no 'lookahead' entry; to load a plain {name} state_dict use "
+                                         r"lookahead\.base\.load_state_dict"):
+        opt.load_state_dict(plain)
+    _assert_same(before, _snapshot(opt))
+    opt.base.load_state_dict(plain)  # the way the message names works
+
+
+def test_lookahead_state_dict_into_a_bare_optimkit_optimizer_is_refused() -> None:
+    _, la = _la_at(BASES["optimkit.AdamW"], 5)
+    sd = _roundtrip(la.state_dict())
+    params = [nn.Parameter(p.clone()) for p in _init()]
+    bare = optimkit.AdamW(params, lr=1e-2)
+    run_wrapped(None, 2, opt_and_params=(bare, params))
+    before = {id(p): {k: v.clone() for k, v in st.items()} for p, st in bare.state.items()}
+    with pytest.raises(ValueError, match=r"AdamW\.load_state_dict: this is a Lookahead state_dict.*"
+                                         r"optimkit\.Lookahead\(AdamW\(\.\.\.\)\) with Lookahead\.load_state_dict"):
+        bare.load_state_dict(sd)
+    _assert_same(before, {id(p): {k: v.clone() for k, v in st.items()} for p, st in bare.state.items()})
+
+
+def test_lookahead_state_dict_into_a_bare_torch_optimizer_loads_silently_without_slow_weights() -> None:
+    """torch.optim's load_state_dict ignores keys it does not know, and optimkit cannot change
+    it: the base state loads and the slow weights are dropped (documented in docs/lookahead.md).
+    If this starts failing, torch began refusing unknown keys: update the docs."""
+    _, la = _la_at(BASES["torch.SGD"], 5)
+    sd = _roundtrip(la.state_dict())
+    params = [nn.Parameter(p.clone()) for p in _init()]
+    bare = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    bare.load_state_dict(sd)
+    assert torch.equal(bare.state[params[0]]["momentum_buffer"], la.base.state[la.param_groups[0]["params"][0]]["momentum_buffer"])
+    assert "lookahead" not in bare.state_dict()
+
+
+def test_load_pre_hook_runs_before_the_checks() -> None:
+    """As in torch (PR#105953): a pre-hook may adapt a checkpoint, e.g. a plain one."""
+    _, src = _la_at(BASES["optimkit.AdamW"], 5)
+    plain = _roundtrip(src.base.state_dict())
+    _, opt = _la_at(BASES["optimkit.AdamW"], 2)
+
+    def to_lookahead(o, sd):
+        return dict(sd, lookahead={"k": 7, "alpha": 0.25, "pullback_momentum": "none", "step": 0, "slow_state": {}})
+
+    opt.register_load_state_dict_pre_hook(to_lookahead)
+    opt.load_state_dict(plain)
+    assert (opt.k, opt.alpha, opt._lookahead_step, opt._slow) == (7, 0.25, 0, {})

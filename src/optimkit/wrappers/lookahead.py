@@ -21,8 +21,8 @@ keeps neither raises at the first synchronisation instead of silently doing noth
 
 from __future__ import annotations
 
-from collections import ChainMap, OrderedDict
-from collections.abc import Callable, Iterator, MutableMapping
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from typing import Any
 
 import torch
@@ -32,7 +32,7 @@ from .. import _torch_compat as tc
 from .._impl import group_by_device_dtype
 from .._validation import fail
 
-__all__ = ["Lookahead", "PULLBACK_MODES", "MOMENTUM_KEYS"]
+__all__ = ["Lookahead", "PULLBACK_MODES", "MOMENTUM_KEYS", "SLOW_KEYS"]
 
 PULLBACK_MODES = ("none", "reset", "pullback")
 #: base-optimizer state keys that hold a momentum (first-moment) buffer, tried in this order
@@ -49,23 +49,95 @@ def _check_hparams(k: Any, alpha: Any, pullback_momentum: Any) -> None:
         fail(_OWNER, "pullback_momentum", pullback_momentum, " or ".join(repr(m) for m in PULLBACK_MODES))
 
 
+#: the per-parameter state keys Lookahead keeps itself (never in the base optimizer's state)
+SLOW_KEYS = ("slow_param", "slow_momentum")
+
+
+def _base_state_of(owner: Lookahead, p: Tensor) -> Any:
+    state = owner.base.state
+    if p not in state:
+        state[p] = {}  # what torch's defaultdict does; also right for a plain dict
+    return state[p]
+
+
+class _ParamState(MutableMapping):
+    """``lookahead.state[p]`` for a parameter with slow weights: one mapping over two stores.
+
+    Reads, writes and deletes of ``slow_param`` / ``slow_momentum`` go to Lookahead's own
+    store, every other key to the base optimizer's ``state[p]``. Code that walks an
+    optimizer's state and writes each entry back (Lightning's ``_optimizer_to_device`` does
+    ``v[key] = move(v[key])`` after every ``load_state_dict``) therefore moves the slow weights
+    where they live instead of copying them into the base's state.
+    """
+
+    __slots__ = ("_owner", "_p")
+
+    def __init__(self, owner: Lookahead, p: Tensor) -> None:
+        self._owner, self._p = owner, p
+
+    def _store(self, key: Any) -> Any:
+        if key in SLOW_KEYS:
+            return self._owner._slow.get(self._p, {})
+        return self._owner.base.state.get(self._p, {})
+
+    def __getitem__(self, key: Any) -> Any:
+        return self._store(key)[key]
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        if key not in SLOW_KEYS:
+            _base_state_of(self._owner, self._p)[key] = value
+        elif key == "slow_param" or "slow_param" in self._owner._slow.get(self._p, {}):
+            self._owner._slow.setdefault(self._p, {})[key] = value
+        else:
+            raise KeyError(f"{_OWNER}: {key!r} without 'slow_param' (this parameter has no slow weights)")
+
+    def __delitem__(self, key: Any) -> None:
+        store = self._store(key)
+        del store[key]
+        if key == "slow_param":  # no slow weights left: recaptured from the parameter at the next step
+            self._owner._slow.pop(self._p, None)
+
+    def __iter__(self) -> Iterator[Any]:
+        yield from self._owner.base.state.get(self._p, {})
+        yield from self._owner._slow.get(self._p, {})
+
+    def __len__(self) -> int:
+        return len(self._owner.base.state.get(self._p, {})) + len(self._owner._slow.get(self._p, {}))
+
+    def __repr__(self) -> str:
+        return f"{{{', '.join(f'{k!r}: {v!r}' for k, v in self.items())}}}"
+
+
 class _StateView(MutableMapping):
     """``lookahead.state``: the base optimizer's state, with the slow weights visible too.
 
-    ``state[p]`` reads the base's entries first, then Lookahead's (``slow_param``,
-    ``slow_momentum``); writes and deletes go to the base's state, as if it were the base's.
+    ``state[p]`` is the base's own dict for a parameter without slow weights (before the first
+    ``step()``), else a :class:`_ParamState` over both. Whichever way a caller writes, the slow
+    keys (:data:`SLOW_KEYS`) land in Lookahead's store and the others in the base's:
+    ``state[p] = mapping`` replaces both parts of ``p``'s state, split by key.
     """
 
     def __init__(self, owner: Lookahead) -> None:
         self._owner = owner
 
     def __getitem__(self, p: Tensor) -> Any:
-        base = self._owner.base.state[p]
-        slow = self._owner._slow.get(p)
-        return base if slow is None else ChainMap(base, slow)
+        if p in self._owner._slow:
+            return _ParamState(self._owner, p)
+        return self._owner.base.state[p]
 
     def __setitem__(self, p: Tensor, value: Any) -> None:
-        self._owner.base.state[p] = value
+        if not isinstance(value, Mapping):
+            self._owner.base.state[p] = value  # a custom optimizer's own per-parameter object
+            return
+        items = list(value.items())  # before clearing: value may be a view of p's own state
+        slow = {k: v for k, v in items if k in SLOW_KEYS}
+        if slow and "slow_param" not in slow:
+            raise ValueError(f"{_OWNER}: state[p] = ... has {sorted(slow)} but no 'slow_param'")
+        self._owner.base.state[p] = {k: v for k, v in items if k not in SLOW_KEYS}
+        if slow:
+            self._owner._slow[p] = slow
+        else:
+            self._owner._slow.pop(p, None)  # recaptured from the parameter at the next step
 
     def __delitem__(self, p: Tensor) -> None:
         found = p in self._owner.base.state or p in self._owner._slow
@@ -84,14 +156,31 @@ class _StateView(MutableMapping):
         return sum(1 for _ in self)
 
 
+def _base_part(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """The base optimizer's state_dict inside a Lookahead one: without ``"lookahead"``, and
+    without slow keys in the per-parameter state (optimkit <= 0.1.0 let Lightning's
+    ``_optimizer_to_device`` copy them there; the real ones are in ``"lookahead"``)."""
+    base = {key: v for key, v in state_dict.items() if key != "lookahead"}
+    state = base.get("state")
+    if isinstance(state, dict) and any(
+        isinstance(st, dict) and any(k in st for k in SLOW_KEYS) for st in state.values()
+    ):
+        base["state"] = {
+            pid: {k: v for k, v in st.items() if k not in SLOW_KEYS} if isinstance(st, dict) else st
+            for pid, st in state.items()
+        }
+    return base
+
+
 class Lookahead(torch.optim.Optimizer):
     r"""Wrap any ``torch.optim.Optimizer`` with Lookahead's slow weights.
 
     The wrapper is itself a ``torch.optim.Optimizer``: learning-rate schedulers, GradScaler and
     step hooks accept it. ``param_groups`` and ``defaults`` *are* the base optimizer's (the same
     objects, so a scheduler changing ``lr`` changes the base's), ``state`` shows the base's
-    state plus the slow weights, and ``zero_grad`` / closures / ``add_param_group`` go to the
-    base.
+    state plus the slow weights (each key stored in one place: ``slow_param`` /
+    ``slow_momentum`` in Lookahead's store, the others in the base's, however they are
+    written), and ``zero_grad`` / closures / ``add_param_group`` go to the base.
 
     Args:
         base: the fast optimizer, already constructed (optimkit's, torch's, prodigyopt's, ...).
@@ -315,15 +404,17 @@ class Lookahead(torch.optim.Optimizer):
             for p in g["params"]:
                 by_index.setdefault(i, p)
                 i += 1
+        if not isinstance(la["slow_state"], dict):
+            raise ValueError(f"{bad}: 'slow_state' must be a dict, got {type(la['slow_state']).__name__}")
         slow: dict[Tensor, dict[str, Tensor]] = {}
         for idx, st in la["slow_state"].items():
-            if idx not in by_index:
+            if isinstance(idx, bool) or not isinstance(idx, int) or idx not in by_index:
                 raise ValueError(f"{bad}: slow weights for unknown parameter index {idx!r}")
             p = by_index[idx]
             if not isinstance(st, dict) or not isinstance(st.get("slow_param"), Tensor):
                 raise ValueError(f"{bad}: slow state of parameter {idx} has no 'slow_param' tensor")
             for key, v in st.items():
-                if key not in ("slow_param", "slow_momentum") or not isinstance(v, Tensor):
+                if key not in SLOW_KEYS or not isinstance(v, Tensor):
                     raise ValueError(f"{bad}: unexpected slow state entry {key!r} of parameter {idx}")
                 if tuple(v.shape) != tuple(p.shape):
                     raise ValueError(
@@ -335,7 +426,9 @@ class Lookahead(torch.optim.Optimizer):
                                    copy=True)
                 for key, v in st.items()
             }
-        self.base.load_state_dict({key: v for key, v in state_dict.items() if key != "lookahead"})
+        # Every check of Lookahead's own part is done: from here only the base's load can fail,
+        # and then nothing of Lookahead has changed either.
+        self.base.load_state_dict(_base_part(state_dict))
         self.k, self.alpha, self.pullback_momentum = la["k"], float(la["alpha"]), la["pullback_momentum"]
         self._lookahead_step = step
         self._slow = slow
