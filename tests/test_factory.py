@@ -506,6 +506,72 @@ def test_param_groups_shared_parameters_once() -> None:
     assert sum(len(g["params"]) for g in groups) == 2
 
 
+class _TinyViT(nn.Module):
+    """timm's convention: ``no_weight_decay()`` returns names of parameters (``pos_embed``,
+    ``cls_token``, as timm's VisionTransformer), possibly of modules (XCiT's ``pos_embeder``)
+    or wildcard patterns, and may list names the model lacks (``dist_token``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pos_embed = nn.Parameter(torch.zeros(1, 4, 8))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, 8))
+        self.pos_embeder = nn.Linear(8, 8)  # a module named by no_weight_decay()
+        self.pos_embeder_extra = nn.Linear(8, 8)  # shares the prefix, not the module path
+        self.blocks = nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 8)])
+        self.rel_pos = nn.ModuleList([_RelPos(), _RelPos()])
+        self.head = nn.Linear(8, 3)
+
+    def no_weight_decay(self):
+        return {"pos_embed", "cls_token", "dist_token", "pos_embeder", "blocks.*.weight"}
+
+
+class _RelPos(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.zeros(5, 2))
+        self.proj = nn.Parameter(torch.zeros(2, 2))
+
+    def no_weight_decay(self):
+        return ["table"]  # relative to this module: rel_pos.0.table, rel_pos.1.table
+
+
+def test_param_groups_honour_the_models_no_weight_decay() -> None:
+    model = _TinyViT()
+    groups = param_groups(model, weight_decay=0.1)
+    undecayed = {n for n, p in model.named_parameters() if _group_of(groups, p)["weight_decay"] == 0.0}
+    assert undecayed == {
+        "pos_embed", "cls_token",  # exact names (3-D: only the declaration exempts them)
+        "pos_embeder.weight", "pos_embeder.bias",  # a module path covers its parameters
+        "blocks.0.weight", "blocks.0.bias", "blocks.1.weight", "blocks.1.bias",  # a pattern; biases are 1-D
+        "rel_pos.0.table", "rel_pos.1.table",  # a submodule's names, relative to it
+        "pos_embeder_extra.bias", "head.bias",  # 1-D
+    }
+    assert _group_of(groups, model.pos_embeder_extra.weight)["weight_decay"] == 0.1  # not a module path
+    assert _group_of(groups, model.rel_pos[0].proj)["weight_decay"] == 0.1
+    # create_optimizer builds its groups with param_groups: the declaration reaches the optimizer
+    opt = create_optimizer("adamw", model, weight_decay=0.1)
+    assert _group_of(opt.param_groups, model.pos_embed)["weight_decay"] == 0.0
+    assert _group_of(opt.param_groups, model.head.weight)["weight_decay"] == 0.1
+    # opt-out
+    groups = param_groups(model, weight_decay=0.1, model_no_weight_decay=False)
+    assert _group_of(groups, model.pos_embed)["weight_decay"] == 0.1
+    assert _group_of(groups, model.rel_pos[0].table)["weight_decay"] == 0.1
+
+
+@pytest.mark.parametrize("returned, match", [
+    ("pos_embed", r"_Bad.no_weight_decay\(\) must return a collection of parameter names, got str"),
+    (None, r"got NoneType"),
+    ({"pos_embed", 3}, r"returned 3; expected parameter names"),
+])
+def test_param_groups_no_weight_decay_must_return_names(returned, match) -> None:
+    class _Bad(nn.Linear):
+        def no_weight_decay(self):
+            return returned
+
+    with pytest.raises(TypeError, match=match):
+        param_groups(_Bad(2, 2))
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(lr_scales={"nothing.*": 0.5}, base_lr=1.0), r"pattern\(s\) \['nothing\.\*'\] match no trainable"),
     (dict(lr_scales={"frozen.*": 0.5}, base_lr=1.0), r"match no trainable"),

@@ -28,6 +28,40 @@ def _matches(name: str, pattern: str) -> bool:
     return p in n
 
 
+def _declared_no_weight_decay(model: nn.Module) -> tuple[str, ...]:
+    """The names the model declares undecayed through timm's ``no_weight_decay()`` convention.
+
+    timm's ``create_optimizer_v2`` calls ``model.no_weight_decay()`` (a set of names such as
+    ``{"pos_embed", "cls_token"}``) and exempts the parameters those names match. Here every
+    submodule that has the method counts too, its names taken relative to that submodule (a
+    timm backbone inside a wrapper model keeps its exemptions).
+    """
+    out: list[str] = []
+    for prefix, module in model.named_modules():
+        fn = getattr(module, "no_weight_decay", None)
+        if not callable(fn):
+            continue
+        names = fn()
+        where = f"{type(module).__name__}.no_weight_decay()" + (f" (module {prefix!r})" if prefix else "")
+        if isinstance(names, (str, bytes)) or not isinstance(names, Iterable):
+            raise TypeError(f"param_groups: {where} must return a collection of parameter names, "
+                            f"got {type(names).__name__}")
+        for n in names:
+            if not isinstance(n, str):
+                raise TypeError(f"param_groups: {where} returned {n!r}; expected parameter names (str)")
+            out.append(f"{prefix}.{n}" if prefix else n)
+    return tuple(out)
+
+
+def _declared_match(name: str, declared: str) -> bool:
+    """timm's matching (exact name, or an fnmatch pattern), plus a module path: ``"pos_embed"``
+    also covers ``"pos_embed.proj.weight"`` (timm models name modules there too, e.g. XCiT's
+    ``pos_embeder``)."""
+    if name == declared or name.startswith(declared + "."):
+        return True
+    return any(c in declared for c in "*?[") and fnmatch.fnmatchcase(name, declared)
+
+
 def param_groups(
     model: nn.Module,
     weight_decay: float | None = None,
@@ -36,6 +70,7 @@ def param_groups(
     base_lr: float | None = None,
     *,
     no_decay_1d: bool = True,
+    model_no_weight_decay: bool = True,
 ) -> list[dict[str, Any]]:
     """Split a model's trainable parameters into optimizer param groups.
 
@@ -46,7 +81,13 @@ def param_groups(
     * it has at most one dimension (``no_decay_1d``: biases, norm scales, 0-dim scalars);
     * its qualified name matches a ``no_decay`` pattern (case-insensitive; a pattern with
       ``* ? [`` is an fnmatch over the full name such as ``"*.pos_embed"``, any other pattern a
-      substring: ``"bias"`` matches ``"attn.qkv_bias"``).
+      substring: ``"bias"`` matches ``"attn.qkv_bias"``);
+    * the model declares it (``model_no_weight_decay``, timm's convention): the model, or any
+      submodule, has a method ``no_weight_decay()`` returning names such as
+      ``{"pos_embed", "cls_token"}``; a name covers the parameter of that name, every
+      parameter under a module of that name (``"pos_embed"`` -> ``"pos_embed.proj.weight"``),
+      or is an fnmatch pattern; a submodule's names are relative to it. Names that match
+      nothing are ignored (timm's ViT lists ``dist_token`` whether or not it has one).
 
     All other parameters get ``weight_decay`` (left unset when ``None``, so the optimizer's
     default applies).
@@ -68,6 +109,8 @@ def param_groups(
         lr_scales: ``{pattern: multiplier}`` with multipliers ``>= 0``.
         base_lr: the learning rate the multipliers scale.
         no_decay_1d: exempt every parameter with ``ndim <= 1`` from decay.
+        model_no_weight_decay: honour ``no_weight_decay()`` methods of the model and its
+            submodules (timm's convention).
 
     Returns:
         a list of dicts ``{"params": [...], "weight_decay": ..., "lr": ...}`` for any
@@ -92,6 +135,7 @@ def param_groups(
     if scales and base_lr is None:
         raise ValueError("param_groups: lr_scales needs base_lr (the learning rate they multiply)")
 
+    declared = _declared_no_weight_decay(model) if model_no_weight_decay else ()
     norm_params = {
         id(p) for m in model.modules() if isinstance(m, NORM_TYPES) for p in m.parameters(recurse=False)
     }
@@ -104,6 +148,7 @@ def param_groups(
             id(p) in norm_params
             or (no_decay_1d and p.ndim <= 1)
             or any(_matches(name, pat) for pat in no_decay)
+            or any(_declared_match(name, d) for d in declared)
         )
         scale = 1.0
         for pat, s in scales.items():

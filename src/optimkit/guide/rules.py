@@ -191,11 +191,17 @@ CORRECTIONS: dict[str, str] = {
         "AdamW is not Adam with weight_decay: Adam's weight_decay is an L2 term added to the "
         "gradient and then divided by sqrt(v), so weights with large gradients are barely "
         "regularised; AdamW decays every weight by lr*weight_decay per step (decoupled). Values "
-        "are not interchangeable: AdamW typically uses 0.01-0.1."
+        "are not interchangeable: AdamW typically uses 0.01-0.1. "
+        "AMSGrad (amsgrad=True) takes the running max of the UNcorrected v and bias-corrects "
+        "afterwards (v_max = max(v_max, v); v_hat = v_max / (1 - beta2^t)), as torch.optim does; "
+        "texts that take the max of the corrected v_hat describe a different optimizer."
     ),
     "adam": (
         "Adam's weight_decay is coupled L2 (added to the gradient, then normalised), not the "
-        "decoupled decay of AdamW; for weight decay use adamw (or decoupled_weight_decay=True)."
+        "decoupled decay of AdamW; for weight decay use adamw (or decoupled_weight_decay=True). "
+        "AMSGrad (amsgrad=True) takes the running max of the UNcorrected v and bias-corrects "
+        "afterwards (v_max = max(v_max, v); v_hat = v_max / (1 - beta2^t)), as torch.optim does; "
+        "texts that take the max of the corrected v_hat describe a different optimizer."
     ),
     "adadelta": (
         "Adadelta is often described as having 'no learning rate'; it has one (lr, default 1.0) "
