@@ -152,7 +152,8 @@ def test_rmsprop_default_and_flags(spy):
     assert one_step(foreach=False) == 0
     assert one_step(centered=True) == 0  # no kernel for it: foreach, silently (not asked)
     assert one_step(momentum=0.9) == 0
-    assert one_step(alpha=1.0) == 0
+    with pytest.raises(ValueError, match=r"RMSprop: invalid alpha=1.0; expected 0 <= alpha < 1"):
+        one_step(alpha=1.0)  # refused: square_avg would stay 0 (every step lr * g / eps)
     with pytest.warns(RuntimeWarning, match="RMSprop.*fused=True.*centered"):
         assert one_step(fused=True, centered=True) == 0
     opt = optimkit.RMSprop([torch.nn.Parameter(torch.randn(2))], fused=True)

@@ -1,11 +1,15 @@
 """One error format for every optimizer.
 
-Every invalid hyperparameter raises ``ValueError`` with the same shape of message::
+Every invalid hyperparameter raises with the same shape of message::
 
     Adam: invalid betas[0]=1.0; expected 0 <= betas[0] < 1
 
 so a user (or a config tool) can tell which optimizer, which parameter, what value was given
-and what would have been accepted.
+and what would have been accepted. A value of the right type outside its range (NaN included)
+raises ``ValueError``; a value of the wrong type (a string lr, a dict betas, ``None``, a bool
+where a number is expected) raises :class:`HyperparameterTypeError`, which is both a
+``TypeError`` (what torch.optim raises for those) and a ``ValueError`` (so one ``except
+ValueError`` catches every invalid hyperparameter).
 """
 
 from __future__ import annotations
@@ -17,22 +21,40 @@ from typing import Any
 import torch
 
 
+class HyperparameterTypeError(TypeError, ValueError):
+    """A hyperparameter of the wrong type: a ``TypeError`` that is also a ``ValueError``."""
+
+
+def _message(owner: str, name: str, value: Any, expected: str) -> str:
+    return f"{owner}: invalid {name}={value!r}; expected {expected}"
+
+
 def fail(owner: str, name: str, value: Any, expected: str) -> None:
     """Raise the canonical ``ValueError`` for one bad hyperparameter."""
-    raise ValueError(f"{owner}: invalid {name}={value!r}; expected {expected}")
+    raise ValueError(_message(owner, name, value, expected))
 
 
-def _as_real(owner: str, name: str, value: Any) -> float:
+def fail_type(owner: str, name: str, value: Any, expected: str) -> None:
+    """Raise the canonical :class:`HyperparameterTypeError` for a value of the wrong type."""
+    raise HyperparameterTypeError(_message(owner, name, value, expected))
+
+
+def _as_real(owner: str, name: str, value: Any, expected: str) -> float:
+    """``value`` as a float (NaN and +-inf included: the range check refuses them, naming the
+    range); a number (not a bool) or a 1-element real tensor, else an error naming
+    ``expected``."""
     if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            fail(owner, name, value, "a number or a 1-element tensor")
-        value = value.item()
+        if value.numel() != 1:  # torch.optim: ValueError("Tensor lr must be 1-element")
+            fail(owner, name, value, f"a number or a 1-element tensor, {expected}")
+        if value.is_complex() or value.dtype == torch.bool:
+            fail_type(owner, name, value, f"a real number, {expected}")
+        return float(value.item())
     if isinstance(value, bool) or not isinstance(value, Real):
-        fail(owner, name, value, "a real number")
-    value = float(value)
-    if math.isnan(value):
-        fail(owner, name, value, "a number, not NaN")
-    return value
+        fail_type(owner, name, value, f"a real number, {expected}")
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond float range
+        return math.copysign(math.inf, value)
 
 
 def check_range(
@@ -47,35 +69,61 @@ def check_range(
 ) -> float:
     """Check ``lo <= value <= hi`` (``<`` on an open side) and return ``value`` as float.
 
-    ``None`` for a bound leaves that side unbounded.
+    ``None`` for a bound leaves that side unbounded; ``hi=math.inf, hi_open=True`` asks for
+    a finite value. NaN is always refused. The error names the range, e.g.
+    ``expected 0 <= lr < inf``.
     """
-    v = _as_real(owner, name, value)
-    ok = True
+    expected = range_text(name, lo, hi, lo_open=lo_open, hi_open=hi_open)
+    v = _as_real(owner, name, value, expected)
+    ok = not math.isnan(v)
     if lo is not None:
         ok &= v > lo if lo_open else v >= lo
     if hi is not None:
         ok &= v < hi if hi_open else v <= hi
     if not ok:
-        parts = []
-        if lo is not None:
-            parts.append(f"{_fmt(lo)} {'<' if lo_open else '<='} ")
-        parts.append(name)
-        if hi is not None:
-            parts.append(f" {'<' if hi_open else '<='} {_fmt(hi)}")
-        fail(owner, name, value, "".join(parts))
+        fail(owner, name, value, expected)
     return v
+
+
+def range_text(name: str, lo: float | None = None, hi: float | None = None, *,
+               lo_open: bool = False, hi_open: bool = False) -> str:
+    """The range as error messages and docs write it: ``0 <= lr < inf``, ``0 < eps < inf``."""
+    parts = []
+    if lo is not None:
+        parts.append(f"{_fmt(lo)} {'<' if lo_open else '<='} ")
+    parts.append(name)
+    if hi is not None:
+        parts.append(f" {'<' if hi_open else '<='} {_fmt(hi)}")
+    if lo is None and hi is None:
+        parts.append(" a number, not NaN")
+    return "".join(parts)
+
+
+def check_finite_nonnegative(owner: str, name: str, value: Any) -> float:
+    """``0 <= value < inf``: learning rates, weight decay and other unbounded coefficients."""
+    return check_range(owner, name, value, 0.0, math.inf, hi_open=True)
+
+
+def check_eps(owner: str, name: str, value: Any) -> float:
+    """``0 < value < inf``: a term that keeps a denominator away from 0."""
+    return check_range(owner, name, value, 0.0, math.inf, lo_open=True, hi_open=True)
 
 
 def check_bool(owner: str, name: str, value: Any) -> bool:
     if not isinstance(value, bool):
-        fail(owner, name, value, "True or False")
+        fail_type(owner, name, value, "True or False")
     return value
 
 
 def check_betas(owner: str, betas: Any, n: int = 2, *, allow_zero_first: bool = True) -> None:
-    """Betas are a length-``n`` sequence with every entry in ``[0, 1)``."""
-    if isinstance(betas, torch.Tensor) or not isinstance(betas, (tuple, list)) or len(betas) != n:
-        fail(owner, "betas", betas, f"a tuple of {n} numbers in [0, 1)")
+    """Betas are a length-``n`` tuple or list with every entry in ``[0, 1)`` (a number or a
+    1-element tensor): another type is a :class:`HyperparameterTypeError`, another length a
+    ``ValueError``."""
+    expected = f"a tuple of {n} numbers in [0, 1)"
+    if not isinstance(betas, (tuple, list)):
+        fail_type(owner, "betas", betas, expected)
+    if len(betas) != n:
+        fail(owner, "betas", betas, expected)
     for i, b in enumerate(betas):
         check_range(owner, f"betas[{i}]", b, 0.0, 1.0, hi_open=True,
                     lo_open=(i == 0 and not allow_zero_first))

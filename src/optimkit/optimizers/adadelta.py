@@ -27,7 +27,7 @@ from .. import _compiled
 from .. import _torch_compat as tc
 from .._base import PARAM_SHAPE, SCALAR, GroupWork, OptimizerBase, ParamsT
 from .._impl import group_by_device_dtype
-from .._validation import check_bool, check_range
+from .._validation import check_bool, check_eps, check_finite_nonnegative, check_range
 
 
 class Adadelta(OptimizerBase):
@@ -86,10 +86,11 @@ class Adadelta(OptimizerBase):
 
     def _validate_group(self, g: dict[str, Any]) -> None:
         n = type(self).__name__
-        check_range(n, "lr", g["lr"], 0.0)
+        check_finite_nonnegative(n, "lr", g["lr"])
         check_range(n, "rho", g["rho"], 0.0, 1.0)
-        check_range(n, "eps", g["eps"], 0.0)
-        check_range(n, "weight_decay", g["weight_decay"], 0.0)
+        # with eps = 0 the first step is sqrt(0 / v) * g = 0 for ever, and 0/0 on a zero gradient
+        check_eps(n, "eps", g["eps"])
+        check_finite_nonnegative(n, "weight_decay", g["weight_decay"])
         check_bool(n, "maximize", g["maximize"])
 
     def _init_state(self, group: dict[str, Any], p: Tensor, state: dict[str, Any]) -> None:

@@ -29,7 +29,7 @@ from torch import Tensor
 from .. import _torch_compat as tc
 from .._base import PARAM_SHAPE, SCALAR, GroupWork, OptimizerBase, ParamsT
 from .._impl import group_by_device_dtype
-from .._validation import check_bool, check_range
+from .._validation import check_bool, check_eps, check_finite_nonnegative
 
 
 class Adagrad(OptimizerBase):
@@ -99,11 +99,12 @@ class Adagrad(OptimizerBase):
 
     def _validate_group(self, g: dict[str, Any]) -> None:
         n = type(self).__name__
-        check_range(n, "lr", g["lr"], 0.0)
-        check_range(n, "lr_decay", g["lr_decay"], 0.0)
-        check_range(n, "weight_decay", g["weight_decay"], 0.0)
-        check_range(n, "initial_accumulator_value", g["initial_accumulator_value"], 0.0)
-        check_range(n, "eps", g["eps"], 0.0)
+        check_finite_nonnegative(n, "lr", g["lr"])
+        check_finite_nonnegative(n, "lr_decay", g["lr_decay"])
+        check_finite_nonnegative(n, "weight_decay", g["weight_decay"])
+        check_finite_nonnegative(n, "initial_accumulator_value", g["initial_accumulator_value"])
+        # sqrt(sum) is 0 for a coordinate whose gradients were all 0: eps keeps g / (..) finite
+        check_eps(n, "eps", g["eps"])
         check_bool(n, "maximize", g["maximize"])
 
     def _init_state(self, group: dict[str, Any], p: Tensor, state: dict[str, Any]) -> None:

@@ -49,7 +49,7 @@ from torch import Tensor
 from .. import _torch_compat as tc
 from .._base import PARAM_SHAPE, SCALAR, GroupWork, OptimizerBase, ParamsT
 from .._impl import group_by_device_dtype
-from .._validation import check_betas, check_bool, check_range
+from .._validation import check_betas, check_bool, check_eps, check_finite_nonnegative
 from .adam import _as_tuple, adam_moments_, adam_moments_foreach_, advance_steps
 
 
@@ -114,10 +114,11 @@ class RAdam(OptimizerBase):
 
     def _validate_group(self, g: dict[str, Any]) -> None:
         n = type(self).__name__
-        check_range(n, "lr", g["lr"], 0.0)
+        check_finite_nonnegative(n, "lr", g["lr"])
         check_betas(n, g["betas"])
-        check_range(n, "eps", g["eps"], 0.0)
-        check_range(n, "weight_decay", g["weight_decay"], 0.0)
+        # sqrt(v) is 0 for a coordinate whose gradients were all 0
+        check_eps(n, "eps", g["eps"])
+        check_finite_nonnegative(n, "weight_decay", g["weight_decay"])
         check_bool(n, "decoupled_weight_decay", g["decoupled_weight_decay"])
         check_bool(n, "maximize", g["maximize"])
 

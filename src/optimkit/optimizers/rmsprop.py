@@ -36,7 +36,7 @@ from .. import _compiled
 from .. import _torch_compat as tc
 from .._base import PARAM_SHAPE, SCALAR, GroupWork, OptimizerBase, ParamsT
 from .._impl import group_by_device_dtype
-from .._validation import check_bool, check_range
+from .._validation import check_bool, check_eps, check_finite_nonnegative, check_range
 
 #: elements of the fused path's scratch first-moment buffer per (device, dtype): small enough
 #: to stay in cache and to cost nothing in memory, large enough that a kernel call is long
@@ -117,13 +117,21 @@ class RMSprop(OptimizerBase):
 
     def _validate_group(self, g: dict[str, Any]) -> None:
         n = type(self).__name__
-        check_range(n, "lr", g["lr"], 0.0)
-        check_range(n, "alpha", g["alpha"], 0.0, 1.0)
-        check_range(n, "eps", g["eps"], 0.0)
-        check_range(n, "weight_decay", g["weight_decay"], 0.0)
+        check_finite_nonnegative(n, "lr", g["lr"])
+        # alpha = 1 never lets a gradient into square_avg: every step would be lr * g / eps
+        alpha = check_range(n, "alpha", g["alpha"], 0.0, 1.0, hi_open=True)
+        # sqrt(square_avg) is 0 for a coordinate whose gradients were all 0
+        check_eps(n, "eps", g["eps"])
+        check_finite_nonnegative(n, "weight_decay", g["weight_decay"])
         check_range(n, "momentum", g["momentum"], 0.0, 1.0, hi_open=True)
         check_bool(n, "centered", g["centered"])
         check_bool(n, "maximize", g["maximize"])
+        if g["centered"] and alpha == 0:
+            raise ValueError(
+                f"{n}: invalid alpha={g['alpha']!r}; expected 0 < alpha < 1 with centered=True "
+                "(with alpha = 0 the variance estimate g^2 - g^2 is exactly 0 and every step "
+                "is lr * g / eps)"
+            )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)

@@ -25,7 +25,7 @@ from torch import Tensor
 from .. import _torch_compat as tc
 from .._base import PARAM_SHAPE, GroupWork, OptimizerBase, ParamsT
 from .._impl import group_by_device_dtype
-from .._validation import check_bool, check_range
+from .._validation import check_bool, check_finite_nonnegative, check_range
 
 
 class SGD(OptimizerBase):
@@ -83,10 +83,10 @@ class SGD(OptimizerBase):
 
     def _validate_group(self, g: dict[str, Any]) -> None:
         n = type(self).__name__
-        check_range(n, "lr", g["lr"], 0.0)
+        check_finite_nonnegative(n, "lr", g["lr"])
         check_range(n, "momentum", g["momentum"], 0.0, 1.0, hi_open=True)
         check_range(n, "dampening", g["dampening"], 0.0, 1.0)
-        check_range(n, "weight_decay", g["weight_decay"], 0.0)
+        check_finite_nonnegative(n, "weight_decay", g["weight_decay"])
         check_bool(n, "nesterov", g["nesterov"])
         check_bool(n, "maximize", g["maximize"])
         if g["nesterov"] and (g["momentum"] <= 0 or g["dampening"] != 0):
