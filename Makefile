@@ -14,7 +14,7 @@ $(BIN)/python:
 
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[test,data]"
+	$(BIN)/pip install --quiet torch==2.13.0 -e ".[test,data,integration]"
 	touch $(STAMP)
 
 venv: $(STAMP)
