@@ -82,6 +82,7 @@ OPTIMS: list[OptimInfo] = [
             (dict(lr=0.1, momentum=0.9, dampening=0.1, nesterov=True), "dampening=0.1"),
             (dict(lr=float("nan")), "lr=nan"),
         ],
+        supports_sparse=True,
         hyper_space=dict(lr=(1e-4, 0.5), momentum=(0.0, 0.99), dampening=(0.0, 1.0),
                          weight_decay=(0.0, 0.1), maximize=(False, True)),
     ),

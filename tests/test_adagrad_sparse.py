@@ -1,4 +1,4 @@
-"""Sparse gradients: Adagrad follows torch.optim.Adagrad; every other optimizer refuses them.
+"""Sparse gradients: Adagrad and SGD follow torch.optim; every other optimizer refuses them.
 
 The model is an ``nn.Embedding(sparse=True)`` feeding a dense linear layer, so one param
 group holds a sparse and a dense gradient together. Index batches repeat rows on purpose
@@ -146,7 +146,7 @@ def _warm_then_sparse_step(make_opt):
 
 
 REFUSING = {
-    "SGD": lambda g: optimkit.SGD(g, lr=0.1, momentum=0.9),
+    "Adam": lambda g: optimkit.Adam(g, lr=0.1),
     "RMSprop": lambda g: optimkit.RMSprop(g, lr=0.01, momentum=0.5, centered=True),
     "Adadelta": lambda g: optimkit.Adadelta(g),
 }
@@ -166,4 +166,41 @@ def test_sparse_adagrad_with_weight_decay_refused(impl):
     net, opt, before, msg = _warm_then_sparse_step(
         lambda g: optimkit.Adagrad(g, lr=0.1, weight_decay=1e-2, **IMPLS[impl]))
     assert "Adagrad" in msg and "weight_decay" in msg and "sparse" in msg, msg
+    _assert_unchanged(net, opt, before)
+
+
+# ------------------------------------------------------------------------------- SGD
+SGD_CONFIGS = [
+    dict(lr=0.1),
+    dict(lr=0.1, momentum=0.9),
+    dict(lr=0.1, momentum=0.9, nesterov=True),
+    dict(lr=0.05, momentum=0.5, dampening=0.3, maximize=True),
+]
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("cfg", SGD_CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_sparse_sgd_matches_torch(cfg, impl):
+    """torch.optim.SGD takes sparse gradients (its per-tensor loop adds them into the parameter
+    and a sparse momentum buffer); so does optimkit.SGD, whatever the impl flag (it decides only
+    the dense layer's path... except fused=True, which torch refuses with sparse gradients)."""
+    if impl == "fused":
+        net, opt, before, msg = _warm_then_sparse_step(
+            lambda g: optimkit.SGD(g, **cfg, fused=True))
+        assert "SGD" in msg and "fused" in msg and "sparse" in msg, msg
+        _assert_unchanged(net, opt, before)
+        return
+    ours = _train(lambda ps: optimkit.SGD(ps, **cfg, **IMPLS[impl]))
+    ref = _train(lambda ps: torch.optim.SGD(ps, **cfg, foreach=False))
+    assert ours[0].emb.weight.grad.is_sparse
+    harness.assert_same_trajectory(*ours, *ref, **harness.tolerances(torch.float64))
+    untouched = SparseNet(torch.float64).emb.weight[20:]
+    torch.testing.assert_close(ours[0].emb.weight[20:], untouched, rtol=0, atol=0)
+
+
+def test_sparse_sgd_with_weight_decay_refused_before_any_write():
+    # torch.optim.SGD fails inside its loop (add(sparse, dense)), after earlier parameters moved
+    net, opt, before, msg = _warm_then_sparse_step(
+        lambda g: optimkit.SGD(g, lr=0.1, momentum=0.9, weight_decay=1e-2))
+    assert "SGD" in msg and "weight_decay" in msg and "sparse" in msg, msg
     _assert_unchanged(net, opt, before)

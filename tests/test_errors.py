@@ -174,7 +174,7 @@ IMPL_ROWS = [pytest.param(info, impl, id=f"{info.name}-{impl}") for info in OPTI
 
 @pytest.mark.parametrize("info,impl", IMPL_ROWS)
 def test_sparse_grad_in_second_group_changes_nothing(info, impl):
-    # An optimizer that takes sparse gradients (Adagrad) refuses them, as torch does, in a
+    # An optimizer that takes sparse gradients (SGD, Adagrad) refuses them, as torch does, in a
     # group with weight_decay != 0 (the L2 term would make them dense).
     opt, a, b = _two_group_opt(info, impl, **({"weight_decay": 1e-2} if info.supports_sparse else {}))
     b[0].grad = b[0].grad.to_sparse()

@@ -18,6 +18,7 @@ buffer, so a step that cannot be taken leaves everything exactly as it was.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -25,7 +26,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ._flatten import FlatBucket, build_buckets, dissolve_warning
+from ._flatten import FlatBucket, build_buckets, dissolve_warning, tied_params
 from ._impl import Impl, check_impl_flags, resolve_impl
 from ._torch_compat import scalar_dtype
 from ._validation import check_bool
@@ -68,10 +69,13 @@ class OptimizerBase(torch.optim.Optimizer):
     _fused_in_group: ClassVar[bool] = True
     #: state["step"] is a 0-dim tensor as torch.optim keeps it (Prodigy: a Python int)
     _tensor_steps: ClassVar[bool] = False
-    #: sparse gradients are handled (only Adagrad, as in torch)
+    #: sparse gradients are handled (SGD and Adagrad, as in torch.optim)
     _supports_sparse: ClassVar[bool] = False
     #: the class has a torch.compile single-pass update (``compile=True``, see _compiled.py)
     _has_compiled: ClassVar[bool] = False
+    #: every per-parameter state key the class can keep (whatever its options); a state_dict
+    #: with others is another optimizer's and is refused. ``None``: not checked.
+    _state_keys: ClassVar[frozenset[str] | None] = None
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any], *, flat: bool = False,
                  compile: bool = False) -> None:
@@ -100,6 +104,17 @@ class OptimizerBase(torch.optim.Optimizer):
         params = list(params)
         if len(params) == 0:
             raise ValueError(f"{owner}: got an empty parameter list; nothing to optimize")
+        if flat:
+            # Tied weights (two Parameters over one memory) may sit in different groups: find
+            # them over every group before the first group is flattened.
+            tensors: list[Any] = []
+            for g in params:
+                if isinstance(g, dict):
+                    g["params"] = _materialize_params(owner, g)
+                    tensors.extend(g["params"])
+                else:
+                    tensors.append(g)
+            self._tied = tied_params([t[1] if isinstance(t, tuple) else t for t in tensors])
         self._validate_group(dict(defaults))
         super().__init__(params, defaults)
 
@@ -130,8 +145,10 @@ class OptimizerBase(torch.optim.Optimizer):
         owner = type(self).__name__
         if not isinstance(param_group, dict):
             raise TypeError(f"{owner}: a param group must be a dict, got {type(param_group).__name__}")
-        params = param_group.get("params")
-        plist = [params] if isinstance(params, Tensor) else list(params or [])
+        plist = _materialize_params(owner, param_group)
+        # Written back (as torch does, in the caller's dict) before anything reads it again:
+        # a generator such as model.parameters() can be consumed only once.
+        param_group["params"] = plist
         for p in plist:
             if isinstance(p, tuple):  # named parameters
                 p = p[1]
@@ -158,7 +175,10 @@ class OptimizerBase(torch.optim.Optimizer):
         super().add_param_group(param_group)
         if self._flat:
             gi = len(self.param_groups) - 1
-            self._buckets[gi] = build_buckets(self.param_groups[gi]["params"], whole=self._compile)
+            self._tied = getattr(self, "_tied", frozenset()) | tied_params(
+                [p for g in self.param_groups for p in g["params"]])
+            self._buckets[gi] = build_buckets(self.param_groups[gi]["params"], whole=self._compile,
+                                              tied=self._tied)
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -231,7 +251,62 @@ class OptimizerBase(torch.optim.Optimizer):
                             self._fused_broken, owner, grads, self._loop_on_cpu)
         if self._compile:
             impl = "compiled"
+        if self._dtypes_moved(gi, group):
+            impl = "reference"
         return GroupWork(group, params, grads, [], impl, flat_work)
+
+    # ------------------------------------------------------- parameters that changed dtype
+    def _state_dtype_of(self, p: Tensor) -> torch.dtype:
+        """The dtype this optimizer keeps ``p``'s state buffers in (its own, by default)."""
+        return p.dtype
+
+    def _mixed_dtype_ok(self, group: dict[str, Any]) -> bool:
+        """Whether torch.optim's per-tensor loop keeps stepping this group when the parameters'
+        dtype differs from their state's (``model.double()`` after the optimizer was built):
+        its in-place ops then compute in the promoted dtype and write back into each buffer's
+        own dtype. Our reference makes the same calls, so such groups take it. Where torch
+        fails (a ``lerp_`` between dtypes: Adam, RAdam, centered RMSprop) we refuse instead,
+        before anything is written."""
+        return False
+
+    def _dtypes_moved(self, gi: int, group: dict[str, Any]) -> bool:
+        """True when some parameter of the group has state in another dtype than it should
+        (the model was moved to another dtype after the optimizer was built): the group then
+        runs the per-tensor reference as torch.optim does, or raises before any write.
+
+        Cheap in the usual case: the full check runs only when the group's parameter dtypes
+        differ from the last step's."""
+        sig = tuple(p.dtype for p in group["params"])
+        cache = self.__dict__.setdefault("_dtype_sig", {})
+        hit = cache.get(gi)
+        if hit is not None and hit[0] == sig:
+            return hit[1]
+        moved = None
+        for pi, p in enumerate(group["params"]):
+            st = self.state.get(p)
+            if not st:
+                continue
+            want = self._state_dtype_of(p)
+            for key, spec in self._state_spec(group, p).items():
+                v = st.get(key)
+                if spec == PARAM_SHAPE and isinstance(v, Tensor) and v.dtype != want:
+                    moved = (pi, p, key, v.dtype)
+                    break
+            if moved:
+                break
+        if moved and not self._mixed_dtype_ok(group):
+            owner = type(self).__name__
+            pi, p, key, dt = moved
+            raise RuntimeError(
+                f"{owner}: parameter {pi} of param group {gi} (shape {tuple(p.shape)}) is "
+                f"{p.dtype} but its state {key!r} is {dt}: the model was moved to another dtype "
+                f"after the optimizer was built. torch.optim.{owner} cannot step this either; "
+                "nothing was changed. Build a new optimizer for the moved model and load this "
+                "one's state into it (load_state_dict casts the state to the parameters' dtype): "
+                f"new = {owner}(model.parameters(), ...); new.load_state_dict(old.state_dict())"
+            )
+        cache[gi] = (sig, moved is not None)
+        return moved is not None
 
     def _plan_buckets(
         self, gi: int, group: dict[str, Any],
@@ -244,32 +319,56 @@ class OptimizerBase(torch.optim.Optimizer):
             return [], list(enumerate(group["params"]))
         outside = self._outside.get(gi)
         if outside is None:
-            inside = {id(p) for b in buckets for p in b.members}
-            outside = self._outside[gi] = [(i, p) for i, p in enumerate(group["params"])
-                                           if id(p) not in inside]
+            outside = self._outside[gi] = self._outside_of(gi)
         out, split = [], []
+        if self._drop_broken(gi):
+            outside = self._outside[gi] = self._outside_of(gi)
         for b in list(buckets):
-            if not b.intact():
-                buckets.remove(b)
-                self._outside.pop(gi, None)
-                split.extend(zip(b.indices, b.members))
-                dissolve_warning(type(self).__name__)
-                continue
+            b.stepped_alone = False
+            absent = b.absent()
             parts = [b]
-            if not b.synced and all(p.grad is not None for p in b.members):
+            if not b.synced and not absent:
                 parts = b.regroup(self, group)  # counters may agree again, or in runs
                 if len(parts) > 1:
                     i = buckets.index(b)
                     buckets[i:i + 1] = parts
             for part in parts:
-                plan = part.plan()
-                if plan is None:  # members step one by one this time
-                    split.extend(zip(part.indices, part.members))
+                miss = absent if part is b else []
+                plan = part.plan(miss)
+                if plan is None:  # members with a gradient step one by one this time
+                    skip = set(miss)
+                    split.extend(ip for k, ip in enumerate(zip(part.indices, part.members))
+                                 if k not in skip)
+                    part.stepped_alone = len(skip) < len(part.members)
                     continue
                 out.append((part, plan))
         if split:
             return out, sorted(outside + split, key=lambda ip: ip[0])
         return out, outside
+
+    def _outside_of(self, gi: int) -> list[tuple[int, Tensor]]:
+        """(index, parameter) of group ``gi``'s parameters that are in none of its buckets."""
+        inside = {id(p) for b in self._buckets.get(gi, ()) for p in b.members}
+        return [(i, p) for i, p in enumerate(self.param_groups[gi]["params"]) if id(p) not in inside]
+
+    def _drop_broken(self, gi: int) -> bool:
+        """Dissolve, for good and with a warning, group ``gi``'s buckets whose members no longer
+        live in the flat buffers (``p.data = ...``, ``model.to(...)``). Members keep their state;
+        one whose view received no gradient since ``zero_grad()`` gets ``p.grad = None``, which
+        is what it would have without ``flat``."""
+        buckets = self._buckets.get(gi, [])
+        broken = [b for b in buckets if not b.intact()]
+        for b in broken:
+            for i in b.absent():
+                p = b.members[i]
+                if p.grad is b.grad_views[i]:
+                    p.grad = None
+            b.close()
+            buckets.remove(b)
+            dissolve_warning(type(self).__name__)
+        if broken:
+            self._outside.pop(gi, None)
+        return bool(broken)
 
     def _apply(self, works: list[GroupWork]) -> None:
         """Run the update of every group; Prodigy overrides this (its step size is global)."""
@@ -312,7 +411,7 @@ class OptimizerBase(torch.optim.Optimizer):
         for gi, work in enumerate(works):
             flat_ids = {id(b) for b, _ in work.buckets}
             for b in self._buckets.get(gi, ()):
-                if id(b) not in flat_ids and any(p.grad is not None for p in b.members):
+                if id(b) not in flat_ids and getattr(b, "stepped_alone", False):
                     b.synced = False
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -320,6 +419,8 @@ class OptimizerBase(torch.optim.Optimizer):
         are zeroed instead (gradients stay views of them, never ``None``)."""
         if not self._buckets:
             return super().zero_grad(set_to_none)
+        for gi in list(self._buckets):
+            self._drop_broken(gi)  # their gradients are no longer views: zeroed as plain ones
         members = set()
         for buckets in self._buckets.values():
             for b in buckets:
@@ -340,16 +441,63 @@ class OptimizerBase(torch.optim.Optimizer):
 
     # ----------------------------------------------------------------------- state_dict
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state_dict (ours or torch.optim's), after checking all of it."""
-        self._check_state_dict(state_dict)
-        super().load_state_dict(state_dict)
+        """Load a state_dict (ours or torch.optim's), atomically.
+
+        In torch.optim's order: the ``register_load_state_dict_pre_hook`` hooks run first (a
+        hook may adapt an old checkpoint), then every check (:meth:`_check_state_dict`) runs
+        before anything is replaced, then the state is loaded (:meth:`_load_checked`) and the
+        post-hooks run. A state_dict that is refused raises ``ValueError`` and changes nothing.
+        """
+        if not isinstance(state_dict, dict):
+            raise ValueError(
+                f"{type(self).__name__}.load_state_dict: expected a dict, got "
+                f"{type(state_dict).__name__}"
+            )
+        sd = state_dict.copy()  # shallow, as torch: hooks may replace entries
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            out = hook(self, sd)
+            if out is not None:
+                sd = out
+        self._check_state_dict(sd)
+        self._load_checked(sd)
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
+    def _load_checked(self, sd: dict[str, Any]) -> None:
+        """Load a state_dict that passed :meth:`_check_state_dict` (subclasses extend this to
+        restore what torch's loader does not know about). torch's own loader runs with the
+        hooks switched off: they ran (pre) and run (post) in :meth:`load_state_dict`."""
+        pre = self._optimizer_load_state_dict_pre_hooks
+        post = self._optimizer_load_state_dict_post_hooks
+        self._optimizer_load_state_dict_pre_hooks = type(pre)()
+        self._optimizer_load_state_dict_post_hooks = type(post)()
+        try:
+            torch.optim.Optimizer.load_state_dict(self, sd)
+        finally:
+            self._optimizer_load_state_dict_pre_hooks = pre
+            self._optimizer_load_state_dict_post_hooks = post
+        self._after_load(sd)
+        self.__dict__.pop("_dtype_sig", None)
         for gi, buckets in self._buckets.items():
             for b in buckets:
                 b.relink_from_members(self, self.param_groups[gi])
 
+    def _after_load(self, sd: dict[str, Any]) -> None:
+        """Adjust the state torch's loader wrote (e.g. recast to a ``state_dtype``); runs before
+        flat buckets are relinked to it."""
+
     def _check_state_dict(self, sd: Any) -> None:
+        """Every check a state_dict must pass before anything is loaded; changes nothing.
+        Subclasses extend it (call ``super()`` first)."""
         owner = type(self).__name__
         bad = f"{owner}.load_state_dict: malformed state_dict"
+        if isinstance(sd, dict) and "lookahead" in sd:
+            raise ValueError(
+                f"{owner}.load_state_dict: this is a Lookahead state_dict (it has a 'lookahead' "
+                f"entry with the slow weights); load it into optimkit.Lookahead({owner}(...)) with "
+                "Lookahead.load_state_dict, or drop the 'lookahead' entry yourself to keep only "
+                f"the {owner} state"
+            )
         if not isinstance(sd, dict) or "state" not in sd or "param_groups" not in sd:
             raise ValueError(f"{bad}: expected a dict with keys 'state' and 'param_groups'")
         groups, state = sd["param_groups"], sd["state"]
@@ -387,10 +535,40 @@ class OptimizerBase(torch.optim.Optimizer):
             if not st:
                 continue
             group, p = id_to_param[pid]
+            known = self._state_keys
+            if known is not None and not set(st) <= known:
+                extra = sorted(str(k) for k in set(st) - known)
+                raise ValueError(
+                    f"{bad}: state of parameter {pid!r} has keys {extra} that {owner} never "
+                    f"keeps (it keeps {sorted(known)}); is this another optimizer's state_dict?"
+                )
             for key, spec in self._state_spec(group, p).items():
                 if key not in st:
                     raise ValueError(f"{bad}: state of parameter {pid!r} misses key {key!r}")
                 _check_state_value(bad, pid, key, st[key], spec, p)
+
+
+def _materialize_params(owner: str, param_group: dict[str, Any]) -> list[Any]:
+    """A param group's ``"params"`` as a list, accepting every form torch.optim accepts: a
+    Tensor, a list or tuple, any iterable (a generator such as ``model.parameters()``, a
+    ``filter``, ``named_parameters()``). A set is refused as torch refuses it (its order, and
+    so the state_dict's parameter numbering, changes between runs)."""
+    if "params" not in param_group:
+        raise ValueError(f"{owner}: a param group needs a 'params' entry, got keys {sorted(param_group)}")
+    params = param_group["params"]
+    if isinstance(params, Tensor):
+        return [params]
+    if isinstance(params, (set, frozenset)):
+        raise TypeError(
+            f"{owner}: a param group's 'params' is a set, whose order changes between runs; "
+            "pass a list (e.g. list(model.parameters()))"
+        )
+    if isinstance(params, dict) or not hasattr(params, "__iter__"):
+        raise TypeError(
+            f"{owner}: a param group's 'params' must be a Tensor or an iterable of Tensors "
+            f"(or of (name, Tensor) pairs), got {type(params).__name__}"
+        )
+    return list(params)
 
 
 def _refuse_unsupported(owner: str, group: dict[str, Any]) -> None:
@@ -406,14 +584,25 @@ def _check_state_value(bad: str, pid: Any, key: str, v: Any, spec: Any, p: Tenso
     if spec == ANY:
         return
     if spec == SCALAR:
-        n = v.numel() if isinstance(v, Tensor) else (1 if isinstance(v, (int, float)) else -1)
-        if n != 1:
+        ok = isinstance(v, Tensor) and v.numel() == 1 and not v.is_complex() and v.dtype != torch.bool
+        ok = ok or (isinstance(v, (int, float)) and not isinstance(v, bool))
+        if not ok:
             raise ValueError(f"{bad}: state[{pid!r}][{key!r}] must be a scalar, got {_describe(v)}")
+        x = float(v)
+        if not (math.isfinite(x) and x >= 0 and x == int(x)):
+            raise ValueError(
+                f"{bad}: state[{pid!r}][{key!r}]={x!r}; a step counter must be a whole number >= 0"
+            )
         return
     want = tuple(p.shape) if spec == PARAM_SHAPE else tuple(spec)
     if not isinstance(v, Tensor) or tuple(v.shape) != want:
         raise ValueError(
             f"{bad}: state[{pid!r}][{key!r}] has {_describe(v)}, expected shape {want}"
+        )
+    if p.is_floating_point() and not v.is_floating_point():
+        raise ValueError(
+            f"{bad}: state[{pid!r}][{key!r}] has dtype {v.dtype}; expected a floating-point "
+            f"tensor (the parameter is {p.dtype})"
         )
 
 

@@ -35,6 +35,7 @@ Everything else falls back to the per-tensor path, never to different math:
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -86,16 +87,59 @@ def eligible(p: Tensor) -> bool:
     )
 
 
-def build_buckets(params: list[Tensor], whole: bool = False) -> list[FlatBucket]:
+def build_buckets(params: list[Tensor], whole: bool = False,
+                  tied: frozenset[int] = frozenset()) -> list[FlatBucket]:
     """The buckets of one param group: its eligible parameters per (device, dtype).
 
     ``whole``: one chunk per bucket (compiled single-pass kernels need no cache blocking, and
-    each call of one costs tens of microseconds)."""
+    each call of one costs tens of microseconds). ``tied``: ids of parameters that share memory
+    with another parameter (:func:`tied_params`); they keep their storage, so they stay tied."""
     by_key: dict[tuple[torch.device, torch.dtype], list[tuple[int, Tensor]]] = {}
     for i, p in enumerate(params):
-        if eligible(p) and p.numel() > 0:
+        if eligible(p) and p.numel() > 0 and id(p) not in tied:
             by_key.setdefault((p.device, p.dtype), []).append((i, p))
     return [FlatBucket([p for _, p in ms], [i for i, _ in ms], whole) for ms in by_key.values()]
+
+
+def tied_params(tensors: list[Tensor]) -> frozenset[int]:
+    """ids of the distinct tensors whose memory overlaps another's (tied weights: two
+    Parameters over one storage). Copying either into a flat buffer would untie them."""
+    by_storage: dict[tuple[Any, int], dict[int, Tensor]] = {}
+    for t in tensors:
+        if isinstance(t, Tensor) and t.layout == torch.strided and t.numel() > 0:
+            try:
+                key = (t.device, t.untyped_storage().data_ptr())
+            except (RuntimeError, NotImplementedError):  # tensor subclasses without storage
+                continue
+            by_storage.setdefault(key, {})[id(t)] = t
+    tied: set[int] = set()
+    for ts in by_storage.values():
+        if len(ts) < 2:
+            continue
+        spans = sorted((t.data_ptr(), t.data_ptr() + _extent(t), i) for i, t in ts.items())
+        end, owner = spans[0][1], spans[0][2]
+        for a, b, i in spans[1:]:
+            if a < end:  # overlaps the furthest-reaching span so far
+                tied.update((i, owner))
+            if b > end:
+                end, owner = b, i
+    return frozenset(tied)
+
+
+def _extent(t: Tensor) -> int:
+    """Bytes from ``t``'s first element to one past its last (strides allowed)."""
+    n = 1 + sum((k - 1) * abs(st) for k, st in zip(t.shape, t.stride()))
+    return n * t.element_size()
+
+
+def _alias(view: Tensor) -> Tensor:
+    """A tensor over exactly ``view``'s memory with a storage of its own (DLPack, zero-copy).
+
+    Parameters re-pointed into the flat buffer become such aliases, not views: to a checkpoint
+    writer each then owns its whole storage, as before flattening (safetensors refuses, and
+    ``accelerate.save_state`` fails on, tensors that are part of a larger storage), while the
+    optimizer's chunk kernels write the same memory through the flat buffer."""
+    return torch.from_dlpack(view.detach())
 
 
 class FlatBucket:
@@ -107,7 +151,8 @@ class FlatBucket:
     views in the parameters' shapes.
     """
 
-    def __init__(self, members: list[Tensor], indices: list[int], whole: bool = False) -> None:
+    def __init__(self, members: list[Tensor], indices: list[int], whole: bool = False,
+                 parent: tuple[Tensor, Tensor, list[Tensor], list[bool]] | None = None) -> None:
         self.members = members
         self.whole = whole
         self.indices = indices  # positions in the param group (for error messages, order)
@@ -118,28 +163,48 @@ class FlatBucket:
             self.offsets.append(n)
             n += k
         self.numel = n
+        # Whether each member got a gradient since the last zero_grad(set_to_none=True): a
+        # flat gradient is never None, so backward reports arrivals through a hook. A member
+        # without one skips the step exactly as a parameter whose .grad is None.
+        self.got_grad = [p.grad is not None for p in members]
         with torch.no_grad():
-            flat = flat_view([p.detach() for p in members])
-            if flat is None:
-                flat = torch.cat([p.detach().reshape(-1) for p in members])
-                for p, v in zip(members, self._views(flat)):
-                    p.data = v
-            self.flat_p = flat
-            grads = [p.grad for p in members]
-            gflat = None
-            if all(g is not None and not g.is_sparse and g.dtype == flat.dtype for g in grads):
-                gflat = flat_view(grads)  # already one buffer in the same layout: adopt it
-            if gflat is not None and gflat.numel() == n:
-                self.flat_g = gflat
-                self.grad_views = list(grads)
+            if parent is not None:  # a run of a parent bucket's members: the same memory
+                self.flat_p, self.flat_g, self.grad_views, self.got_grad = parent
+                flat = self.flat_p
             else:
-                self.flat_g = torch.zeros_like(flat)
-                self.grad_views = self._views(self.flat_g)
-                for p, g, v in zip(members, grads, self.grad_views):
-                    if g is not None:
-                        v.copy_(g.to_dense() if g.is_sparse else g)
-                    p.grad = v
+                flat = flat_view([p.detach() for p in members])
+                if flat is None:
+                    flat = torch.cat([p.detach().reshape(-1) for p in members])
+                    for p, v in zip(members, self._views(flat)):
+                        p.data = _alias(v)
+                self.flat_p = flat
+                grads = [p.grad for p in members]
+                gflat = None
+                if all(g is not None and not g.is_sparse and g.dtype == flat.dtype for g in grads):
+                    gflat = flat_view(grads)  # already one buffer in the same layout: adopt it
+                if gflat is not None and gflat.numel() == n:
+                    self.flat_g = gflat
+                    self.grad_views = list(grads)
+                else:
+                    self.flat_g = torch.zeros_like(flat)
+                    self.grad_views = self._views(self.flat_g)
+                    for p, g, v in zip(members, grads, self.grad_views):
+                        if g is not None:
+                            v.copy_(g.to_dense() if g.is_sparse else g)
+                        p.grad = v
         self.ptrs = [p.data_ptr() for p in members]
+        self.gptrs = [v.data_ptr() for v in self.grad_views]
+        ref = weakref.ref(self)
+
+        def arrived(i: int) -> Any:
+            def hook(_: Tensor) -> None:
+                b = ref()
+                if b is not None:
+                    b.got_grad[i] = True
+            return hook
+
+        self._hooks = [p.register_post_accumulate_grad_hook(arrived(i))
+                       for i, p in enumerate(members)]
         step = n if whole else CHUNK_NUMEL
         spans = [(a, min(a + step, n)) for a in range(0, n, step)]
         self.spans = spans
@@ -159,14 +224,38 @@ class FlatBucket:
 
     # ------------------------------------------------------------------ per-step checks
     def intact(self) -> bool:
-        """The members still live in the flat buffer (nobody replaced ``p.data``)."""
-        return list(map(Tensor.data_ptr, self.members)) == self.ptrs
+        """The members still live in the flat buffers: nobody replaced ``p.data`` (or, through
+        ``model.to(...)``, the ``.data`` of a gradient view)."""
+        return (list(map(Tensor.data_ptr, self.members)) == self.ptrs
+                and list(map(Tensor.data_ptr, self.grad_views)) == self.gptrs)
 
-    def plan(self) -> list[int] | None:
+    def close(self) -> None:
+        """Stop listening for gradients (the bucket is dissolved or replaced)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    def absent(self) -> list[int]:
+        """Members that count as having no gradient this step: ``p.grad is None``, or their
+        gradient view received nothing since ``zero_grad()`` (no backward reached them, and
+        it holds only the zeros zero_grad wrote; a value written into it by hand counts)."""
+        out = [i for i, p in enumerate(self.members) if p.grad is None]
+        quiet = [i for i, (p, v, got) in enumerate(zip(self.members, self.grad_views, self.got_grad))
+                 if not got and p.grad is v]
+        if quiet:
+            written = torch.stack([self.grad_views[i].any() for i in quiet]).tolist()
+            for i, w in zip(quiet, written):
+                if w:
+                    self.got_grad[i] = True
+                else:
+                    out.append(i)
+        return sorted(out)
+
+    def plan(self, absent: list[int]) -> list[int] | None:
         """Indices of members whose gradient must be copied in; ``None`` if the bucket cannot
         step flat this time (a member without a usable dense gradient, or counters that
         disagree)."""
-        if not self.synced:
+        if not self.synced or absent:
             return None
         views = self.grad_views
         if all(p.grad is v for p, v in zip(self.members, views)):
@@ -176,7 +265,7 @@ class FlatBucket:
             g = p.grad
             if g is v:
                 continue
-            if g is None or g.is_sparse or g.shape != v.shape or g.device != v.device:
+            if g.is_sparse or g.shape != v.shape or g.device != v.device:
                 return None
             repair.append(i)
         return repair
@@ -327,9 +416,13 @@ class FlatBucket:
             return [self]
         parts = []
         for i, j in runs:
-            nb = FlatBucket(self.members[i:j], self.indices[i:j], self.whole)
+            a, b = self.offsets[i], self.offsets[j - 1] + self.numels[j - 1]
+            nb = FlatBucket(self.members[i:j], self.indices[i:j], self.whole,
+                            parent=(self.flat_p[a:b], self.flat_g[a:b], self.grad_views[i:j],
+                                    self.got_grad[i:j]))
             nb.relink_from_members(opt, group)
             parts.append(nb)
+        self.close()
         return parts
 
     def zero_grad(self, set_to_none: bool) -> None:
@@ -337,6 +430,7 @@ class FlatBucket:
         that no longer requires grad (frozen) gets ``None`` as without ``flat``, so that it
         skips the step exactly as torch.optim would skip it."""
         self.flat_g.zero_()
+        self.got_grad = [not set_to_none] * len(self.members)
         for p, v in zip(self.members, self.grad_views):
             if set_to_none and not p.requires_grad:
                 p.grad = None

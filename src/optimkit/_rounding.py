@@ -92,6 +92,30 @@ class RoundingRNG:
             self.get(torch.device(key)).set_state(st.to("cpu", torch.uint8))
 
 
+def check_rng_state(owner: str, st: Any) -> None:
+    """Refuse (``ValueError``) a saved :meth:`RoundingRNG.state_dict` that would not load;
+    tried on scratch generators, so nothing of the optimizer's changes."""
+    bad = f"{owner}.load_state_dict: malformed state_dict[{RNG_KEY!r}]"
+    if not isinstance(st, dict) or "seed" not in st:
+        raise ValueError(f"{bad}: expected a dict with 'seed' and 'generators'")
+    try:
+        seed = int(st["seed"])
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"{bad}: seed={st['seed']!r} is not an integer") from None
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"{bad}: seed={seed} is outside [0, 2**64)")
+    gens = st.get("generators", {})
+    if not isinstance(gens, dict):
+        raise ValueError(f"{bad}: 'generators' must be a dict of device -> state tensor")
+    for key, g in gens.items():
+        try:
+            if not isinstance(g, Tensor):
+                raise TypeError(type(g).__name__)
+            torch.Generator(device=torch.device(key)).set_state(g.to("cpu", torch.uint8))
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ValueError(f"{bad}: the generator state for device {key!r} does not load ({e})") from None
+
+
 def chunks(tensors: list[Tensor], budget_bytes: int) -> list[tuple[int, int]]:
     """Consecutive index ranges whose float32-equivalent size stays within ``budget_bytes``
     (a single larger tensor makes a range of its own): bounds the float32 working copies."""
@@ -158,6 +182,18 @@ class LowPrecisionStateMixin:
         if self._rounding_rng is not None:
             sd[RNG_KEY] = self._rounding_rng.state_dict()
         return sd
+
+    def _check_state_dict(self, sd: Any) -> None:
+        super()._check_state_dict(sd)  # type: ignore[misc]
+        if RNG_KEY in sd and self._rounding_rng is not None:
+            check_rng_state(type(self).__name__, sd[RNG_KEY])
+
+    def _load_checked(self, sd: dict[str, Any]) -> None:
+        if RNG_KEY in sd:
+            rng_state, sd = sd[RNG_KEY], {k: v for k, v in sd.items() if k != RNG_KEY}
+            if self._rounding_rng is not None:
+                self._rounding_rng.load_state_dict(rng_state)
+        super()._load_checked(sd)  # type: ignore[misc]
 
     def _load_rounding_rng(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """Restore the generators if saved; return the state_dict without that key."""

@@ -61,6 +61,7 @@ class Adadelta(OptimizerBase):
     """
 
     _tensor_steps = True
+    _state_keys = frozenset({"step", "square_avg", "acc_delta"})
     _has_compiled = True
 
     def __init__(
@@ -92,6 +93,9 @@ class Adadelta(OptimizerBase):
         check_eps(n, "eps", g["eps"])
         check_finite_nonnegative(n, "weight_decay", g["weight_decay"])
         check_bool(n, "maximize", g["maximize"])
+
+    def _mixed_dtype_ok(self, group: dict[str, Any]) -> bool:
+        return True  # torch's loop: mul_ / addcmul_ / add_ across dtypes
 
     def _init_state(self, group: dict[str, Any], p: Tensor, state: dict[str, Any]) -> None:
         state["step"] = torch.tensor(0.0, dtype=tc.scalar_dtype())

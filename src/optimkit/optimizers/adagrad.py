@@ -65,6 +65,7 @@ class Adagrad(OptimizerBase):
     """
 
     _tensor_steps = True
+    _state_keys = frozenset({"step", "sum"})
     _has_fused = True
     _supports_sparse = True
 
@@ -106,6 +107,9 @@ class Adagrad(OptimizerBase):
         # sqrt(sum) is 0 for a coordinate whose gradients were all 0: eps keeps g / (..) finite
         check_eps(n, "eps", g["eps"])
         check_bool(n, "maximize", g["maximize"])
+
+    def _mixed_dtype_ok(self, group: dict[str, Any]) -> bool:
+        return True  # torch's loop: addcmul_ / addcdiv_ across dtypes
 
     def _init_state(self, group: dict[str, Any], p: Tensor, state: dict[str, Any]) -> None:
         state["step"] = torch.tensor(0.0, dtype=tc.scalar_dtype())

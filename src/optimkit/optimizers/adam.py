@@ -84,6 +84,7 @@ class Adam(LowPrecisionStateMixin, OptimizerBase):
     """
 
     _tensor_steps = True
+    _state_keys = frozenset({"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"})
     _has_fused = True
 
     def __init__(
@@ -163,13 +164,11 @@ class Adam(LowPrecisionStateMixin, OptimizerBase):
             work.impl = "reference" if _large_cpu_tensors(work.params) else "foreach"
         return work
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load ours or torch.optim's state_dict; moments are kept in this optimizer's
+    def _after_load(self, sd: dict[str, Any]) -> None:
+        """Moments loaded from ours or torch.optim's state_dict are kept in this optimizer's
         ``state_dtype`` whatever dtype they were saved in."""
-        state_dict = self._load_rounding_rng(state_dict)
-        super().load_state_dict(state_dict)
         if self._state_dtype is not None:
-            self._recast_loaded_state(state_dict, ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
+            self._recast_loaded_state(sd, ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
                                       self._state_dtype_of)
 
     def _state_spec(self, group: dict[str, Any], p: Tensor) -> dict[str, Any]:

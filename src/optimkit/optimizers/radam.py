@@ -85,6 +85,7 @@ class RAdam(OptimizerBase):
     """
 
     _tensor_steps = True
+    _state_keys = frozenset({"step", "exp_avg", "exp_avg_sq"})
     _has_fused = True
     _fused_in_group = False  # torch.optim's class has no "fused" group key
 

@@ -86,6 +86,7 @@ class RMSprop(OptimizerBase):
     """
 
     _tensor_steps = True
+    _state_keys = frozenset({"step", "square_avg", "momentum_buffer", "grad_avg"})
     _has_fused = True
     _fused_in_group = False  # torch.optim's class has no "fused" group key
     _has_compiled = True
@@ -146,6 +147,10 @@ class RMSprop(OptimizerBase):
 
     def _fused_applies(self, group: dict[str, Any]) -> bool:
         return _fused_eligible(group)
+
+    def _mixed_dtype_ok(self, group: dict[str, Any]) -> bool:
+        # torch's loop steps on across dtypes except centered (grad_avg.lerp_ needs one dtype)
+        return not group["centered"]
 
     def _init_state(self, group: dict[str, Any], p: Tensor, state: dict[str, Any]) -> None:
         state["step"] = torch.tensor(0.0, dtype=tc.scalar_dtype())

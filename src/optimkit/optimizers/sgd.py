@@ -54,6 +54,8 @@ class SGD(OptimizerBase):
     """
 
     _has_fused = True
+    _state_keys = frozenset({"momentum_buffer"})
+    _supports_sparse = True  # as torch.optim.SGD (the per-tensor reference runs them)
     # torch 2.12/2.13's CPU fused SGD kernel skips the update of every full SIMD block of a
     # float16/bfloat16 tensor (only the tail elements move; reproduced in
     # tests/test_integration.py), so half types on CPU take the foreach path.
@@ -95,6 +97,9 @@ class SGD(OptimizerBase):
                 f"(got momentum={g['momentum']!r}, dampening={g['dampening']!r})"
             )
 
+    def _mixed_dtype_ok(self, group: dict[str, Any]) -> bool:
+        return True  # torch's loop: buf.mul_().add_() and p.add_() across dtypes
+
     def _init_state(self, group: dict[str, Any], p: Tensor, state: dict[str, Any]) -> None:
         # The buffer is created from the first gradient (b_1 = g), not zeros.
         if group["momentum"] != 0:
@@ -102,6 +107,25 @@ class SGD(OptimizerBase):
 
     def _state_spec(self, group: dict[str, Any], p: Tensor) -> dict[str, Any]:
         return {"momentum_buffer": PARAM_SHAPE} if group["momentum"] != 0 else {}
+
+    def _gather(self, gi: int, group: dict[str, Any]) -> GroupWork:
+        work = super()._gather(gi, group)
+        if any(g.is_sparse for g in work.grads):
+            # As torch.optim.SGD: sparse gradients (nn.Embedding(sparse=True)) run the per-tensor
+            # loop, which adds them into the parameter and the momentum buffer sparsely.
+            # Refused here, before any write, where torch fails part-way through the step.
+            n = type(self).__name__
+            if self._fused_flag(group):
+                raise RuntimeError(f"{n}: fused=True does not support sparse gradients "
+                                   f"(param group {gi}); leave fused unset for this group")
+            if float(group["weight_decay"]) != 0:
+                raise RuntimeError(
+                    f"{n}: weight_decay={group['weight_decay']!r} is not compatible with sparse "
+                    f"gradients (param group {gi}): the L2 term is dense. Put the sparse "
+                    "parameters (e.g. nn.Embedding(sparse=True)) in a group with weight_decay=0"
+                )
+            work.impl = "reference"
+        return work
 
     def _update(self, work: GroupWork) -> None:
         g = work.group
