@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from .. import _torch_compat as tc
-from .._base import PARAM_SHAPE, SCALAR, GroupWork, OptimizerBase, ParamsT
+from .._base import PARAM_SHAPE, SCALAR, GroupWork, OptimizerBase, ParamsT, _materialize_params
 from .._impl import _large_cpu_tensors, group_by_device_dtype
 from .._rounding import LowPrecisionStateMixin, chunk_budget, chunks, compute_dtype
 from .._validation import check_betas, check_bool, check_eps, check_finite_nonnegative
@@ -130,8 +130,8 @@ class Adam(LowPrecisionStateMixin, OptimizerBase):
         sd = self._state_dtype
         params = param_group.get("params") if isinstance(param_group, dict) else None
         if sd is not None and params is not None:
-            plist = [params] if isinstance(params, Tensor) else list(params)
-            param_group = {**param_group, "params": plist}
+            plist = _materialize_params(type(self).__name__, param_group)
+            param_group["params"] = plist  # in the caller's dict, as torch: read once
             fused = param_group.get("fused", getattr(self, "defaults", {}).get("fused"))
             dts = {(p[1] if isinstance(p, tuple) else p).dtype for p in plist}
             if fused and any(dt != sd for dt in dts):
