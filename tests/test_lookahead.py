@@ -25,10 +25,12 @@ its source, pytorch_optimizer/optimizer/lookahead.py):
 
 from __future__ import annotations
 
+import copy
 import functools
 import io
 import math
 import warnings
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -456,9 +458,11 @@ def test_writing_state_entries_back_keeps_slow_weights_out_of_the_base(make) -> 
             assert opt.state[p][key] is opt._slow[p][key]
     sd = opt.state_dict()
     assert all(not set(st) & {"slow_param", "slow_momentum"} for st in sd["state"].values())
-    # the whole-entry form (older Lightning: optimizer.state[p] = moved copy) splits the same way
+    # the whole-entry form splits the same way: Lightning 1.x did optimizer.state[p] =
+    # apply_to_collection(state[p], ...), which rebuilds the mapping as type(m)(OrderedDict(...))
     for p in params:
-        opt.state[p] = {k: v.clone() for k, v in opt.state[p].items()}
+        v = opt.state[p]
+        opt.state[p] = type(v)(OrderedDict((k, x.clone()) for k, x in v.items()))
         assert not set(opt.base.state[p]) & {"slow_param", "slow_momentum"}
         assert set(opt._slow[p]) == {"slow_param", "slow_momentum"}
     for x, y in list(_batches(steps))[cut:]:
@@ -476,6 +480,11 @@ def test_state_view_mapping_behaviour() -> None:
     st = opt.state[params[0]]
     assert set(st) == {"momentum_buffer", "slow_param", "slow_momentum"} and len(st) == 3
     assert "slow_param" in st and "exp_avg" not in st and "slow_param" in repr(st)
+    # copies are plain dicts of the entries, never copies of the optimizer behind the view
+    deep = copy.deepcopy(st)
+    assert type(deep) is dict and set(deep) == set(st)
+    assert all(torch.equal(deep[k], st[k]) for k in st)
+    assert deep["slow_param"] is not st["slow_param"] and copy.copy(st)["slow_param"] is st["slow_param"]
     # a slow key without slow weights is refused, and nothing changes
     with pytest.raises(ValueError, match="no 'slow_param'"):
         opt.state[params[0]] = {"momentum_buffer": torch.zeros(5, 3), "slow_momentum": torch.zeros(5, 3)}

@@ -21,6 +21,7 @@ keeps neither raises at the first synchronisation instead of silently doing noth
 
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from typing import Any
@@ -72,8 +73,23 @@ class _ParamState(MutableMapping):
 
     __slots__ = ("_owner", "_p")
 
+    def __new__(cls, *args: Any) -> Any:
+        # Generic collection code rebuilds a mapping as type(m)(items) (lightning_utilities'
+        # apply_to_collection, used by Lightning 1.x's optimizer_to_device); that gives a plain
+        # dict here, which ``lookahead.state[p] = ...`` then splits by key.
+        if len(args) == 1:
+            return dict(args[0])
+        return super().__new__(cls)
+
     def __init__(self, owner: Lookahead, p: Tensor) -> None:
         self._owner, self._p = owner, p
+
+    def __copy__(self) -> dict[Any, Any]:
+        return dict(self.items())
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> dict[Any, Any]:
+        # the entries, not the optimizer this view points into
+        return {k: copy.deepcopy(v, memo) for k, v in self.items()}
 
     def _store(self, key: Any) -> Any:
         if key in SLOW_KEYS:
