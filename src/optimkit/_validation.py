@@ -26,7 +26,11 @@ class HyperparameterTypeError(TypeError, ValueError):
 
 
 def _message(owner: str, name: str, value: Any, expected: str) -> str:
-    return f"{owner}: invalid {name}={value!r}; expected {expected}"
+    try:
+        shown = repr(value)
+    except ValueError:  # an int too long for repr (sys.set_int_max_str_digits)
+        shown = f"<an int of {value.bit_length()} bits>"
+    return f"{owner}: invalid {name}={shown}; expected {expected}"
 
 
 def fail(owner: str, name: str, value: Any, expected: str) -> None:
@@ -53,8 +57,8 @@ def _as_real(owner: str, name: str, value: Any, expected: str) -> float:
         fail_type(owner, name, value, f"a real number, {expected}")
     try:
         return float(value)
-    except OverflowError:  # an int beyond float range
-        return math.copysign(math.inf, value)
+    except OverflowError:  # an int beyond float range: its sign decides which side it fails
+        return math.inf if value > 0 else -math.inf
 
 
 def check_range(
@@ -104,9 +108,16 @@ def check_finite_nonnegative(owner: str, name: str, value: Any) -> float:
     return check_range(owner, name, value, 0.0, math.inf, hi_open=True)
 
 
+#: the smallest eps the classic optimizers accept: ``torch.finfo(torch.float32).tiny``, the
+#: smallest normal float32 (and bfloat16). eps keeps a denominator such as ``sqrt(v) + eps``
+#: away from 0 where a coordinate's gradients were all 0; a smaller eps rounds to 0 (or, with
+#: flush-to-zero, is dropped) in float32/bfloat16 arithmetic and the step is 0/0 = NaN.
+EPS_MIN = float(torch.finfo(torch.float32).tiny)
+
+
 def check_eps(owner: str, name: str, value: Any) -> float:
-    """``0 < value < inf``: a term that keeps a denominator away from 0."""
-    return check_range(owner, name, value, 0.0, math.inf, lo_open=True, hi_open=True)
+    """``EPS_MIN <= value < inf``: a term that keeps a denominator away from 0."""
+    return check_range(owner, name, value, EPS_MIN, math.inf, hi_open=True)
 
 
 def check_bool(owner: str, name: str, value: Any) -> bool:

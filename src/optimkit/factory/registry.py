@@ -85,7 +85,7 @@ def _weight_decay(default: float, *, decoupled: bool) -> HyperParam:
     else:
         doc = ("Coupled L2 penalty: weight_decay * theta is added to the gradient (so it is "
                "rescaled by the adaptive denominator, if any); larger pulls weights to 0 harder.")
-    return HyperParam("weight_decay", default, "weight_decay >= 0", doc)
+    return HyperParam("weight_decay", default, "0 <= weight_decay < inf", doc)
 
 
 def _betas() -> HyperParam:
@@ -95,14 +95,19 @@ def _betas() -> HyperParam:
                       "to react.")
 
 
-def _eps(default: float, where: str = "added to sqrt(v) in the denominator") -> HyperParam:
-    return HyperParam("eps", default, "eps >= 0",
+#: the classic optimizers' eps range (optimkit._validation.check_eps: float32's tiny)
+_EPS_VALID = "1.1754943508222875e-38 <= eps < inf"
+
+
+def _eps(default: float, where: str = "added to sqrt(v) in the denominator",
+         valid: str = _EPS_VALID) -> HyperParam:
+    return HyperParam("eps", default, valid,
                       f"Numerical floor {where}, in gradient units; larger damps steps of "
                       "parameters whose gradients are tiny (behaves more like SGD).")
 
 
 def _lr(default: float, doc: str) -> HyperParam:
-    return HyperParam("lr", default, "lr >= 0", doc)
+    return HyperParam("lr", default, "0 <= lr < inf", doc)
 
 
 _SGD_HP = (
@@ -233,10 +238,10 @@ _SPECS: tuple[OptimizerSpec, ...] = (
         hyperparams=(
             _lr(1e-2, "Base step size in parameter units (the per-coordinate step is "
                       "lr/sqrt(accumulated g^2)); larger moves faster."),
-            HyperParam("lr_decay", 0, "lr_decay >= 0",
+            HyperParam("lr_decay", 0, "0 <= lr_decay < inf",
                        "Per-step decay: step t uses lr / (1 + (t-1)*lr_decay); larger decays faster."),
             _weight_decay(0, decoupled=False),
-            HyperParam("initial_accumulator_value", 0, "initial_accumulator_value >= 0",
+            HyperParam("initial_accumulator_value", 0, "0 <= initial_accumulator_value < inf",
                        "Starting value of the sum of squared gradients (gradient^2 units); larger "
                        "makes the first steps smaller."),
             _eps(1e-10, "added to sqrt(sum)"),
@@ -263,7 +268,7 @@ theta <- theta - clr * g / (sqrt(sum) + eps)""",
         description="Per-coordinate steps lr/sqrt(EMA of squared gradients).",
         hyperparams=(
             _lr(1e-2, "Step size in parameter units per normalised gradient; larger moves faster."),
-            HyperParam("alpha", 0.99, "0 <= alpha < 1",
+            HyperParam("alpha", 0.99, "0 <= alpha < 1 (0 < alpha with centered=True)",
                        "EMA decay of the squared gradient (memory ~1/(1-alpha) steps); larger is "
                        "smoother but slower to react to scale changes."),
             _eps(1e-8),
@@ -392,7 +397,7 @@ else:
             HyperParam("rho", 0.9, "0 <= rho <= 1",
                        "EMA decay of both squared gradients and squared updates (memory "
                        "~1/(1-rho) steps); larger is smoother."),
-            HyperParam("eps", 1e-6, "eps >= 0",
+            HyperParam("eps", 1e-6, _EPS_VALID,
                        "Added inside both square roots; sets the size of the very first steps "
                        "(~sqrt(eps)) and how fast steps can grow, so larger starts faster."),
             _weight_decay(0, decoupled=False),
@@ -425,7 +430,7 @@ theta <- theta - lr * delta""",
             HyperParam("beta3", None, "None or 0 <= beta3 < 1",
                        "EMA decay of the d-estimate statistics r and s; None means sqrt(beta2); "
                        "larger remembers the trajectory longer."),
-            _eps(1e-8, "added to sqrt(v) (scaled by d) in the denominator"),
+            _eps(1e-8, "added to sqrt(v) (scaled by d) in the denominator", "0 < eps < inf"),
             HyperParam("weight_decay", 0, "weight_decay >= 0",
                        "Weight decay rate; decoupled (theta *= 1 - weight_decay*d*lr) when "
                        "decouple=True, else an L2 term added to the gradient; larger shrinks "

@@ -35,10 +35,12 @@ class Adadelta(OptimizerBase):
 
     Args:
         params: parameters or param groups to optimize.
-        lr: multiplier of the step ``d``, ``lr >= 0``. Default ``1.0`` (the paper's method).
-        rho: smoothing constant of both running averages, ``[0, 1]``.
-        eps: added inside both square roots, ``>= 0``; also sets the first steps' size.
-        weight_decay: coupled L2 penalty coefficient, ``>= 0``.
+        lr: multiplier of the step ``d``, ``0 <= lr < inf``. Default ``1.0`` (the paper's method).
+        rho: smoothing constant of both running averages, ``0 <= rho <= 1``.
+        eps: added inside both square roots; also sets the first steps' size (with
+            ``eps = 0`` every step is 0): ``1.1754943508222875e-38 <= eps < inf``
+            (``torch.finfo(torch.float32).tiny``: a smaller eps rounds to 0 in float32).
+        weight_decay: coupled L2 penalty coefficient, ``0 <= weight_decay < inf``.
         foreach: ``True`` multi-tensor path, ``False`` per-tensor reference, ``None`` fastest.
         capturable: must be ``False`` (CUDA-graph capture is not supported by optimkit).
         maximize: ascend the objective instead of descending.

@@ -37,13 +37,18 @@ class Adagrad(OptimizerBase):
 
     Args:
         params: parameters or param groups to optimize.
-        lr: learning rate (step size), ``lr >= 0``. Default ``1e-2`` as in torch.optim.
-        lr_decay: step-size decay per step, ``clr = lr / (1 + (t - 1) * lr_decay)``, ``>= 0``.
-        weight_decay: coupled L2 penalty coefficient, ``>= 0`` (not with sparse gradients).
-        initial_accumulator_value: starting value of the squared-gradient sum, ``>= 0``.
+        lr: learning rate (step size), ``0 <= lr < inf``. Default ``1e-2`` as in torch.optim.
+        lr_decay: step-size decay per step, ``clr = lr / (1 + (t - 1) * lr_decay)``,
+            ``0 <= lr_decay < inf``.
+        weight_decay: coupled L2 penalty coefficient, ``0 <= weight_decay < inf`` (not with sparse
+            gradients).
+        initial_accumulator_value: starting value of the squared-gradient sum,
+            ``0 <= initial_accumulator_value < inf``.
             Each param group's own value is used (torch uses the constructor's value for
             every group).
-        eps: added to ``sqrt(sum)`` in the denominator, ``>= 0``, in gradient units.
+        eps: added to ``sqrt(sum)`` in the denominator (gradient units), which is 0 for a
+            coordinate whose gradients were all 0: ``1.1754943508222875e-38 <= eps < inf``
+            (``torch.finfo(torch.float32).tiny``: a smaller eps rounds to 0 in float32).
         foreach: ``True`` multi-tensor path, ``False`` per-tensor reference, ``None`` fastest.
         maximize: ascend the objective instead of descending.
         differentiable: must be ``False`` (not supported by optimkit).

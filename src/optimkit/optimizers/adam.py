@@ -50,12 +50,15 @@ class Adam(LowPrecisionStateMixin, OptimizerBase):
 
     Args:
         params: parameters or param groups to optimize.
-        lr: learning rate, ``lr >= 0``, in parameter units per step. Default ``1e-3``.
+        lr: learning rate, ``0 <= lr < inf``, in parameter units per step. Default ``1e-3``.
         betas: ``(beta1, beta2)``, each in ``[0, 1)``: decay rates of the first and second
-            moment averages. Default ``(0.9, 0.999)``.
-        eps: ``>= 0``, added to ``sqrt(v_hat)`` for numerical stability (gradient units).
-        weight_decay: ``>= 0``; coupled L2 coefficient, or decoupled shrink rate per unit lr
-            when ``decoupled_weight_decay`` is set.
+            moment averages. Default ``(0.9, 0.999)``. Numbers or 1-element tensors, mixed
+            freely (torch.optim wants both floats or both tensors).
+        eps: added to ``sqrt(v_hat)``, which is 0 for a coordinate whose gradients were all
+            0 (gradient units): ``1.1754943508222875e-38 <= eps < inf``
+            (``torch.finfo(torch.float32).tiny``: a smaller eps rounds to 0 in float32).
+        weight_decay: ``0 <= weight_decay < inf``; coupled L2 coefficient, or decoupled
+            shrink rate per unit lr when ``decoupled_weight_decay`` is set.
         amsgrad: normalize by the running maximum of ``v`` (AMSGrad).
         foreach: ``True`` multi-tensor path, ``False`` per-tensor reference, ``None`` fastest.
         maximize: ascend the objective instead of descending.
@@ -236,10 +239,12 @@ class AdamW(Adam):
 
     Args:
         params: parameters or param groups to optimize.
-        lr: learning rate, ``lr >= 0``, in parameter units per step. Default ``1e-3``.
+        lr: learning rate, ``0 <= lr < inf``, in parameter units per step. Default ``1e-3``.
         betas: ``(beta1, beta2)``, each in ``[0, 1)``. Default ``(0.9, 0.999)``.
-        eps: ``>= 0``, added to ``sqrt(v_hat)`` (gradient units).
-        weight_decay: ``>= 0``, decoupled shrink rate per unit lr. Default ``1e-2``.
+        eps: added to ``sqrt(v_hat)`` (gradient units), ``1.1754943508222875e-38 <= eps < inf``
+            (``torch.finfo(torch.float32).tiny``: a smaller eps rounds to 0 in float32).
+        weight_decay: ``0 <= weight_decay < inf``, decoupled shrink rate per unit lr.
+            Default ``1e-2``.
         amsgrad: normalize by the running maximum of ``v`` (AMSGrad).
         maximize: ascend the objective instead of descending.
         foreach: ``True`` multi-tensor path, ``False`` per-tensor reference, ``None`` fastest.

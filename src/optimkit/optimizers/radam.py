@@ -58,11 +58,13 @@ class RAdam(OptimizerBase):
 
     Args:
         params: parameters or param groups to optimize.
-        lr: learning rate, ``lr >= 0``. Default ``1e-3``.
+        lr: learning rate, ``0 <= lr < inf``. Default ``1e-3``.
         betas: ``(beta1, beta2)``, each in ``[0, 1)``. Default ``(0.9, 0.999)``.
-        eps: ``>= 0``, added to ``sqrt(v)`` (gradient units).
-        weight_decay: ``>= 0``; coupled L2 coefficient, or decoupled shrink rate per unit lr
-            when ``decoupled_weight_decay`` is set.
+        eps: added to ``sqrt(v)``, which is 0 for a coordinate whose gradients were all 0
+            (gradient units): ``1.1754943508222875e-38 <= eps < inf``
+            (``torch.finfo(torch.float32).tiny``: a smaller eps rounds to 0 in float32).
+        weight_decay: ``0 <= weight_decay < inf``; coupled L2 coefficient, or decoupled
+            shrink rate per unit lr when ``decoupled_weight_decay`` is set.
         decoupled_weight_decay: apply weight decay to the parameter directly (AdamW-style).
         foreach: ``True`` multi-tensor path, ``False`` per-tensor reference, ``None`` fastest.
         maximize: ascend the objective instead of descending.

@@ -49,14 +49,19 @@ class RMSprop(OptimizerBase):
 
     Args:
         params: parameters or param groups to optimize.
-        lr: learning rate (step size), ``lr >= 0``. Default ``1e-2`` as in torch.optim.
-        alpha: smoothing constant of the running averages, ``[0, 1]``; 0.99 keeps about the
-            last 100 steps.
-        eps: added to the root-mean-square in the denominator, ``>= 0``, in gradient units.
-        weight_decay: coupled L2 penalty coefficient, ``>= 0``.
-        momentum: heavy-ball coefficient applied to the normalised step, ``[0, 1)``.
+        lr: learning rate (step size), ``0 <= lr < inf``. Default ``1e-2`` as in torch.optim.
+        alpha: smoothing constant of the running averages, ``0 <= alpha < 1``, and
+            ``0 < alpha`` with ``centered=True``; 0.99 keeps about the last 100 steps.
+            (``alpha = 1`` would never let a gradient into ``square_avg``: every step would
+            be ``lr * g / eps``; centered with ``alpha = 0`` estimates the variance as 0.)
+        eps: added to the root-mean-square in the denominator (gradient units), which is 0
+            for a coordinate whose gradients were all 0: ``1.1754943508222875e-38 <= eps < inf``
+            (``torch.finfo(torch.float32).tiny``: a smaller eps rounds to 0 in float32).
+        weight_decay: coupled L2 penalty coefficient, ``0 <= weight_decay < inf``.
+        momentum: heavy-ball coefficient applied to the normalised step,
+            ``0 <= momentum < 1``.
         centered: normalise by an estimate of the gradient's variance instead of its second
-            moment (subtracts the squared running mean).
+            moment (subtracts the squared running mean); needs ``alpha > 0``.
         capturable: must be ``False`` (CUDA-graph capture is not supported by optimkit).
         foreach: ``True`` multi-tensor path, ``False`` per-tensor reference, ``None`` fastest.
         maximize: ascend the objective instead of descending.

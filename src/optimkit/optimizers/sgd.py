@@ -33,10 +33,10 @@ class SGD(OptimizerBase):
 
     Args:
         params: parameters or param groups to optimize.
-        lr: learning rate (step size), ``lr >= 0``. Default ``1e-3`` as in torch.optim.
-        momentum: heavy-ball coefficient in ``[0, 1)``; 0.9 is the usual choice.
-        dampening: fraction of the gradient kept out of the buffer, ``[0, 1]``.
-        weight_decay: coupled L2 penalty coefficient, ``>= 0``.
+        lr: learning rate (step size), ``0 <= lr < inf``. Default ``1e-3`` as in torch.optim.
+        momentum: heavy-ball coefficient, ``0 <= momentum < 1``; 0.9 is the usual choice.
+        dampening: fraction of the gradient kept out of the buffer, ``0 <= dampening <= 1``.
+        weight_decay: coupled L2 penalty coefficient, ``0 <= weight_decay < inf``.
         nesterov: use Nesterov's look-ahead form; needs ``momentum > 0`` and ``dampening == 0``.
         maximize: ascend the objective instead of descending.
         foreach: ``True`` multi-tensor path, ``False`` per-tensor reference, ``None`` fastest.
