@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+import re
 import warnings
 from functools import lru_cache
 from typing import Any
@@ -21,6 +22,7 @@ import pytest
 import torch
 
 import optimkit
+from optimkit._rounding import RNG_KEY
 from optimkit.optimizers.prodigy import NonFiniteStepError
 
 STEPS = 300
@@ -758,3 +760,528 @@ def test_fused_fast_path_small_tensor_runs_and_pieces_agree():
     assert oa.param_groups[0]["d"] > 1e-5
     for a, b in zip(pa, pb):
         _rel_close(b.detach(), a.detach(), 1e-5, "param")
+
+
+# ====================================================================== robustness (issue 11)
+def _snap(opt, params) -> Any:
+    """Everything a failed call must leave untouched, for a bitwise comparison: parameters,
+    every state entry (cloned), every group value but params, torch's RNG, and the stochastic
+    rounding generators."""
+    rng = opt._rounding_rng
+    return (
+        [p.detach().clone() for p in params],
+        {i: {k: (v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v))
+             for k, v in opt.state[p].items()} for i, p in enumerate(params) if p in opt.state},
+        len(opt.state),
+        copy.deepcopy([{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]),
+        torch.get_rng_state(),
+        rng.state_dict() if rng is not None else None,
+    )
+
+
+def _all_params(opt) -> list[torch.Tensor]:
+    return [p for g in opt.param_groups for p in g["params"]]
+
+
+#: the implementations every robustness test runs: the per-tensor reference, the multi-tensor
+#: path (float64), the float32 fast path (fused phase 2), flat buffers, a bfloat16 state
+IMPLS = {
+    "reference": (dict(foreach=False), torch.float64),
+    "foreach": (dict(foreach=True), torch.float64),
+    "fused": (dict(), torch.float32),
+    "flat": (dict(flat=True), torch.float32),
+    "state_bf16": (dict(state_dtype=torch.bfloat16), torch.float32),
+}
+
+
+def _net_params(dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(6, 5), (5,), (), (4, 3), (3,)]
+    return [torch.nn.Parameter(torch.randn(s, generator=g, dtype=torch.float64).to(dtype))
+            for s in shapes]
+
+
+# ------------------------------------------------------------------------- empty groups
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("layout", ["first", "middle", "last", "two"])
+def test_empty_param_groups_anywhere_change_nothing(impl, layout):
+    """Empty groups (group 0 included: ZeRO gives a rank an empty share of a group) step
+    exactly as the same optimizer without them, bitwise."""
+    kw, dtype = IMPLS[impl]
+    runs = []
+    for with_empty in (False, True):
+        torch.manual_seed(0)
+        ps = _net_params(dtype)
+        groups = [{"params": ps[:3]}, {"params": ps[3:], "weight_decay": 0.1}]
+        if with_empty:
+            e = {"params": []}
+            groups = {"first": [e, *groups], "middle": [groups[0], e, groups[1]],
+                      "last": [*groups, e], "two": [e, groups[0], dict(e), groups[1]]}[layout]
+        opt = optimkit.Prodigy(groups, **kw)
+        for t in range(6):
+            _grads(ps, t)
+            opt.step()
+        runs.append((ps, opt))
+    (pa, oa), (pb, ob) = runs
+    assert ob.param_groups[-1]["d"] == oa.param_groups[0]["d"] > 1e-6
+    for a, b in zip(pa, pb):
+        assert_bitwise(a.detach(), b.detach())
+        assert_bitwise(oa.state[a], ob.state[b])
+
+
+def test_all_groups_empty_steps_as_a_no_op():
+    for groups in ([{"params": []}], [{"params": []}, {"params": [], "lr": 0.0}]):
+        opt = optimkit.Prodigy(groups)
+        before = _snap(opt, [])
+        opt.step()
+        opt.step()
+        assert_bitwise(before, _snap(opt, []))
+
+
+def test_empty_first_group_compiled():
+    # compile=True with group 0 empty (float32, the compiled kernels are shared per process)
+    runs = []
+    for groups_of in (lambda ps: [{"params": ps}], lambda ps: [{"params": []}, {"params": ps}]):
+        ps = _net_params(torch.float32)
+        opt = optimkit.Prodigy(groups_of(ps), compile=True)
+        for t in range(3):
+            _grads(ps, t)
+            opt.step()
+        runs.append(ps)
+    for a, b in zip(*runs):
+        assert_bitwise(a.detach(), b.detach())
+
+
+# ------------------------------------------------------------------- hyperparameter types
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_tensor_hyperparameters_step_as_floats(impl):
+    """0-dim and 1-element tensors are accepted where torch.optim accepts them (betas, lr, ...)
+    and step exactly as the same Python floats, in every path."""
+    kw, dtype = IMPLS[impl]
+
+    def T(x):  # float64: the same value as the Python float (a float32 tensor rounds it)
+        return torch.tensor(x, dtype=torch.float64)
+
+    tensor_kw = dict(betas=(T([0.9]), T(0.99)), lr=T(1.0), eps=T([1e-8]), weight_decay=T(0.01),
+                     d0=T(1e-6), d_coef=T([1.0]), beta3=T(0.995), growth_rate=T(1.5))
+    float_kw = dict(betas=(0.9, 0.99), lr=1.0, eps=1e-8, weight_decay=0.01, d0=1e-6, d_coef=1.0,
+                    beta3=0.995, growth_rate=1.5)
+    runs = []
+    for hp in (float_kw, tensor_kw):
+        torch.manual_seed(0)
+        ps = _net_params(dtype)
+        opt = optimkit.Prodigy(ps, use_bias_correction=True, **hp, **kw)
+        for t in range(6):
+            _grads(ps, t)
+            opt.step()
+        runs.append((ps, opt))
+    (pa, oa), (pb, ob) = runs
+    assert oa.param_groups[0]["d"] == ob.param_groups[0]["d"] > 1e-6
+    assert isinstance(ob.param_groups[0]["d"], float)
+    assert ob.param_groups[0]["effective_lr"] == oa.param_groups[0]["effective_lr"]
+    for a, b in zip(pa, pb):
+        assert_bitwise(a.detach(), b.detach())
+        assert_bitwise(oa.state[a], ob.state[b])
+
+
+def test_tensor_betas_compiled():
+    runs = []
+    for betas in ((0.9, 0.999), (torch.tensor([0.9]), torch.tensor(0.999))):
+        ps = _net_params(torch.float32)
+        opt = optimkit.Prodigy(ps, betas=betas, compile=True)
+        for t in range(3):
+            _grads(ps, t)
+            opt.step()
+        runs.append(ps)
+    for a, b in zip(*runs):
+        assert_bitwise(a.detach(), b.detach())
+
+
+#: (argument, values that are valid for it among the probes)
+_PROBES = {"nan": math.nan, "inf": math.inf, "-1": -1.0, "1e300": 1e300, "str": "0.1",
+           "None": None, "list": [0.5, 0.5], "tensor2": torch.tensor([0.5, 0.5]), "bool": True}
+_VALID = {
+    "lr": {"1e300"}, "betas": {"list"}, "beta3": {"None"}, "eps": {"1e300"},
+    "weight_decay": {"1e300"}, "decouple": {"bool"}, "use_bias_correction": {"bool"},
+    "safeguard_warmup": {"bool"}, "d0": {"1e300"}, "d_coef": {"1e300"},
+    "growth_rate": {"inf", "1e300"}, "fsdp_in_use": {"bool"}, "slice_p": set(),
+    "strict_growth": {"bool"}, "nonfinite": set(), "stochastic_rounding": {"bool"},
+    "foreach": {"None", "bool"}, "state_dtype": {"None"}, "flat": {"bool"},
+    "compile": {"bool"}, "independent_ranks": {"bool"},
+}
+
+
+@pytest.mark.parametrize("arg", list(_VALID))
+@pytest.mark.parametrize("probe", list(_PROBES))
+def test_every_argument_refuses_bad_values_by_name(arg, probe):
+    """Every constructor argument, probed with nan, inf, -1, 1e300, a string, None, a list, a
+    2-element tensor and a bool: accepted where valid, else ValueError/TypeError naming
+    Prodigy, the argument and the value, never an error from inside."""
+    p = torch.nn.Parameter(torch.ones(3))
+    value = _PROBES[probe]
+    if probe in _VALID[arg]:
+        optimkit.Prodigy([p], **{arg: value})
+        return
+    with pytest.raises((ValueError, TypeError)) as e:
+        optimkit.Prodigy([p], **{arg: value})
+    msg = str(e.value)
+    assert msg.startswith("Prodigy: invalid ") and arg in msg, msg
+
+
+@pytest.mark.parametrize("arg,value", [("lr", -1.0), ("betas", (1.0, 0.9)), ("beta3", 1.0),
+                                       ("eps", 0.0), ("weight_decay", -1.0), ("d0", 0.0),
+                                       ("d_coef", 0.0), ("growth_rate", 0.5)])
+def test_documented_range_is_the_checked_range(arg, value):
+    """The range each error states is the one the docstring documents (eps: 0 < eps < inf)."""
+    with pytest.raises(ValueError) as e:
+        optimkit.Prodigy([torch.nn.Parameter(torch.ones(2))], **{arg: value})
+    expected = str(e.value).split("; expected ")[1]
+    doc = " ".join(optimkit.Prodigy.__doc__.split())
+    assert f"``{expected}``" in doc, (arg, expected)
+
+
+def test_hyperparameter_changed_after_construction_is_refused_before_any_write():
+    ps = _net_params(torch.float32)
+    opt = optimkit.Prodigy(ps, state_dtype=torch.bfloat16)
+    for t in range(2):
+        _grads(ps, t)
+        opt.step()
+    for key, bad in (("betas", (torch.tensor([0.9, 0.9]), 0.999)), ("betas", "x"),
+                     ("eps", float("nan")), ("lr", "1"), ("slice_p", 2.0), ("weight_decay", -1)):
+        good = opt.param_groups[0][key]
+        opt.param_groups[0][key] = bad
+        _grads(ps, 5)
+        before = _snap(opt, ps)
+        with pytest.raises(ValueError, match=f"Prodigy: invalid {key}"):
+            opt.step()
+        assert_bitwise(before, _snap(opt, ps))
+        opt.param_groups[0][key] = good
+    opt.step()  # and it steps afterwards
+    assert opt.param_groups[0]["k"] == 3
+
+
+# ----------------------------------------------------------------------- atomic step()
+def _failing_setups():
+    """(name, build(ps) -> opt, break(opt, ps) applied before the failing step, error)."""
+    def sparse(opt, ps):
+        ps[4].grad = ps[4].grad.to_sparse()
+
+    def shape(opt, ps):  # torch refuses the assignment; through .data it goes in
+        ps[3].grad.data = torch.zeros(3, 4, dtype=ps[3].dtype)
+
+    def mixed_lr(opt, ps):
+        opt.param_groups[1]["lr"] = 0.5
+
+    def nan(opt, ps):
+        ps[3].grad[1, 1] = float("nan")
+
+    def huge(opt, ps):  # max|g| * d past sqrt(float32 max): exp_avg_sq would overflow
+        ps[0].grad[0, 0] = 1e35
+
+    def nothing(opt, ps):
+        pass
+
+    return [
+        ("sparse gradient", {}, sparse, RuntimeError, "sparse"),
+        ("gradient shape", {}, shape, RuntimeError, "gradient shape"),
+        ("lr not max-or-0", {}, mixed_lr, ValueError, "lr values"),
+        ("NaN gradient", {}, nan, NonFiniteStepError, "non-finite"),
+        ("exp_avg_sq overflow", {}, huge, NonFiniteStepError, "exp_avg_sq would overflow"),
+        ("weight_decay 1e300", dict(weight_decay=1e300), nothing, NonFiniteStepError,
+         "weight_decay \\* dlr"),
+        ("d0 1e-40 float32", dict(d0=1e-40), nothing, NonFiniteStepError, "d \\* eps"),
+    ]
+
+
+@pytest.mark.parametrize("impl", ["reference", "fused", "flat", "state_bf16"])
+@pytest.mark.parametrize("first_step", [True, False])
+@pytest.mark.parametrize("setup", range(len(_failing_setups())),
+                         ids=[s[0] for s in _failing_setups()])
+def test_failed_step_leaves_everything_bitwise_unchanged(impl, first_step, setup):
+    """A step that raises, whatever the reason, leaves parameters, state (p0, s, exp_avg,
+    exp_avg_sq, step), group values (d, d_max, d_numerator, d_hat, d_denom, k, effective_lr,
+    skipped_steps) and torch's RNG exactly as they were (stochastic rounding on, so the RNG
+    would show any phase-2 work), and the optimizer steps normally afterwards."""
+    name, extra, breaks, err, match = _failing_setups()[setup]
+    kw, _ = IMPLS[impl]
+    ps = _net_params(torch.float32)
+    if impl == "state_bf16":
+        ps = [torch.nn.Parameter(p.detach().bfloat16()) for p in ps]
+        kw = dict(kw, stochastic_rounding=True)
+    opt = optimkit.Prodigy([{"params": ps[:3]}, {"params": ps[3:]}], **kw, **extra)
+    if not first_step and name not in ("weight_decay 1e300", "d0 1e-40 float32"):
+        for t in range(3):
+            _grads(ps, t)
+            opt.step()
+    _grads(ps, 7)
+    breaks(opt, ps)
+    before = _snap(opt, ps)
+    with pytest.raises(err, match=match):
+        opt.step()
+    assert_bitwise(before, _snap(opt, ps))
+    if name in ("weight_decay 1e300", "d0 1e-40 float32"):
+        return  # refused on every step by design
+    if name == "lr not max-or-0":
+        opt.param_groups[1]["lr"] = 1.0
+    _grads(ps, 8)
+    opt.step()
+    assert opt.param_groups[0]["k"] == (1 if first_step else 4)
+
+
+def test_failed_step_compiled():
+    ps = _net_params(torch.float32)
+    opt = optimkit.Prodigy(ps, compile=True, flat=True)
+    _grads(ps, 0)
+    opt.step()
+    _grads(ps, 1)
+    ps[0].grad[0, 0] = 1e35
+    before = _snap(opt, ps)
+    with pytest.raises(NonFiniteStepError, match="exp_avg_sq would overflow"):
+        opt.step()
+    assert_bitwise(before, _snap(opt, ps))
+
+
+def test_failed_step_skip_mode_counts_and_changes_nothing_else():
+    ps = _net_params(torch.float32)
+    opt = optimkit.Prodigy(ps, nonfinite="skip")
+    _grads(ps, 0)
+    opt.step()
+    _grads(ps, 1)
+    ps[0].grad[0, 0] = 1e35
+    before = _snap(opt, ps)
+    with pytest.warns(RuntimeWarning, match="exp_avg_sq would overflow"):
+        opt.step()
+    after = _snap(opt, ps)
+    for g in before[3]:
+        g["skipped_steps"] += 1
+    assert_bitwise(before, after)
+
+
+def test_outputs_that_would_overflow_are_caught_where_prodigyopt_writes_inf():
+    """The inputs are finite; prodigyopt's outputs are not. Each is refused here."""
+    cases = [
+        (dict(d0=1.0), lambda ps: ps[0].grad.mul_(1e22), "exp_avg_sq"),  # v = d^2 g^2 > 3.4e38
+        (dict(weight_decay=1e300), lambda ps: None, "exp_avg_sq"),  # wd * dlr * p overflows
+        (dict(d0=1e-40), lambda ps: None, "exp_avg"),  # d * eps underflows: 0/0 in the step
+    ]
+    for kw, scale, key in cases:
+        ref_ps, ps = _net_params(torch.float32), _net_params(torch.float32)
+        ref, ours = ref_opt(ref_ps, **kw), optimkit.Prodigy(ps, **kw)
+        try:
+            for t in range(2):
+                _grads(ref_ps, t)
+                scale(ref_ps)
+                ref.step()
+            bad = [not torch.isfinite(p).all() or not torch.isfinite(ref.state[p][k]).all()
+                   for p in ref_ps for k in ("exp_avg", "exp_avg_sq") if p.numel()]
+        except RuntimeError:  # "value cannot be converted to type float without overflow"
+            bad = [True]  # ... half-way through its step
+        assert any(bad), kw  # prodigyopt wrote inf/NaN or raised half-way
+        _grads(ps, 0)
+        scale(ps)
+        before = _snap(ours, ps)
+        with pytest.raises(NonFiniteStepError):
+            ours.step()
+        assert_bitwise(before, _snap(ours, ps))
+
+
+def test_output_checks_do_not_refuse_float64_that_fits():
+    # the same tiny d0 is fine in float64 (d * eps = 1e-48 is a normal float64)
+    ps = _net_params(torch.float64)
+    opt = optimkit.Prodigy(ps, d0=1e-40)
+    for t in range(20):
+        _grads(ps, t)
+        opt.step()
+    # (d stays at d0: steps of 1e-40 do not move parameters of size ~1, as in prodigyopt)
+    assert opt.param_groups[0]["k"] == 20 and all(torch.isfinite(p).all() for p in ps)
+
+
+def test_d_update_overflow_is_refused():
+    ps = _net_params(torch.float64)
+    opt = optimkit.Prodigy(ps, d_coef=1e308)
+    with pytest.raises(NonFiniteStepError, match="the d update gives|overflows"):
+        for t in range(10):
+            _grads(ps, t)
+            before = _snap(opt, ps)
+            opt.step()
+    assert_bitwise(before, _snap(opt, ps))
+    assert all(math.isfinite(opt.param_groups[0][k]) for k in ("d", "d_max", "d_hat"))
+
+
+# --------------------------------------------------------------- dtype after construction
+@pytest.mark.parametrize("impl", ["reference", "fused", "flat", "state_bf16"])
+@pytest.mark.parametrize("to", [torch.float64, torch.bfloat16, torch.float16])
+def test_model_moved_to_another_dtype_trains_as_a_fresh_optimizer_with_recast_state(impl, to):
+    """After model.double() / .bfloat16() / .half(), Prodigy keeps training exactly as a new
+    optimizer over the moved model that loaded the old one's state_dict (which recasts the
+    state: load_state_dict casts it to the parameters' dtype, float32 for float16/bfloat16)."""
+    kw, _ = IMPLS[impl]
+    model_a = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2))
+    model_b = copy.deepcopy(model_a)
+    opt_a = optimkit.Prodigy(model_a.parameters(), weight_decay=0.01, **kw)
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(8, 4, generator=g) for _ in range(8)]
+
+    def step(model, opt, x):
+        opt.zero_grad()
+        model(x.to(next(model.parameters()).dtype)).pow(2).mean().backward()
+        opt.step()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # flat=True warns that its buffers dissolve
+        for x in xs[:4]:
+            step(model_a, opt_a, x)
+        model_b.load_state_dict(model_a.state_dict())
+        sd = copy.deepcopy(opt_a.state_dict())
+        model_a.to(to)
+        model_b.to(to)
+        # flat=True: the moved parameters left the flat buffers and step one by one from
+        # then on (docs/flat.md), as a per-tensor optimizer does
+        opt_b = optimkit.Prodigy(model_b.parameters(), weight_decay=0.01,
+                                 **{k: v for k, v in kw.items() if k != "flat"})
+        opt_b.load_state_dict(sd)
+        for x in xs[4:]:
+            step(model_a, opt_a, x)
+            step(model_b, opt_b, x)
+    assert opt_a.param_groups[0]["d"] == opt_b.param_groups[0]["d"]
+    assert opt_a.param_groups[0]["k"] == 8
+    for pa, pb in zip(model_a.parameters(), model_b.parameters()):
+        assert pa.dtype == to
+        assert_bitwise(pa.detach(), pb.detach())
+        assert_bitwise(opt_a.state[pa], opt_b.state[pb])
+
+
+# ------------------------------------------------------------------------ load_state_dict
+def _trained(seed: int = 0, **kw):
+    torch.manual_seed(seed)
+    ps = _net_params(torch.float32, seed)
+    ps[2].data.zero_()  # a 0-dim p0
+    opt = optimkit.Prodigy([{"params": ps[:3]}, {"params": ps[3:]}],
+                           state_dtype=torch.bfloat16, **kw)
+    for t in range(3):
+        _grads(ps, t + seed)
+        opt.step()
+    return ps, opt
+
+
+def _group(key, value):
+    return lambda sd: sd["param_groups"][1].__setitem__(key, value)
+
+
+def _state(key, fn):
+    def edit(sd):
+        sd["state"][3][key] = fn(sd["state"][3][key])
+    return edit
+
+
+_BAD_LOADS = {
+    "d str": (_group("d", "x"), "d='x'"),
+    "d nan": (_group("d", math.nan), "d=nan"),
+    "d zero": (_group("d", 0.0), "d=0.0"),
+    "d negative": (_group("d", -1.0), "d=-1.0"),
+    "d bool": (_group("d", True), "d=True"),
+    "d 2-element tensor": (_group("d", torch.tensor([1.0, 2.0])), "d=tensor"),
+    "d0 zero": (_group("d0", 0.0), "d0=0.0"),
+    "d_max inf": (_group("d_max", math.inf), "d_max=inf"),
+    "d_numerator nan": (_group("d_numerator", math.nan), "d_numerator=nan"),
+    "d_hat inf": (_group("d_hat", -math.inf), "d_hat=-inf"),
+    "d_denom nan": (_group("d_denom", math.nan), "d_denom=nan"),
+    "k negative": (_group("k", -1), "k=-1"),
+    "k fractional": (_group("k", 2.5), "k=2.5"),
+    "k str": (_group("k", "3"), "k='3'"),
+    "skipped_steps negative": (_group("skipped_steps", -1), "skipped_steps=-1"),
+    "betas bad": (_group("betas", (0.9, 1.5)), "betas"),
+    "step negative": (_state("step", lambda v: -1), "step"),
+    "step fractional": (_state("step", lambda v: 1.5), "step"),
+    "p0 shape": (_state("p0", lambda v: torch.zeros(5)), "'p0'"),
+    "p0 int": (_state("p0", lambda v: v.long()), "'p0'"),
+    "s shape": (_state("s", lambda v: torch.zeros(3)), "'s'"),
+    "s int": (_state("s", lambda v: v.int()), "'s'"),
+    "exp_avg nan": (_state("exp_avg", lambda v: v.float().fill_(math.nan)), "NaN"),
+    "exp_avg_sq negative": (_state("exp_avg_sq", lambda v: -v.float() - 1), "negative"),
+    "rng seed": (lambda sd: sd[RNG_KEY].__setitem__("seed", "x"), "seed"),
+    "rng generator": (lambda sd: sd[RNG_KEY]["generators"].__setitem__(
+        "cpu", torch.zeros(3, dtype=torch.uint8)), "generator"),
+}
+
+
+@pytest.mark.parametrize("case", list(_BAD_LOADS))
+def test_rejected_load_changes_nothing(case):
+    """Every check runs before anything is replaced: the state, the groups (d, k, ...), the
+    stochastic-rounding generators. The checkpoint comes from another run (other values, and
+    generators that have drawn), so a partial load would show."""
+    edit, match = _BAD_LOADS[case]
+    _, other = _trained(seed=1)
+    sd = copy.deepcopy(other.state_dict())
+    assert RNG_KEY in sd and sd[RNG_KEY]["generators"]
+    edit(sd)
+    ps, opt = _trained(seed=0)
+    before = _snap(opt, ps)
+    with pytest.raises(ValueError, match=re.escape(match)) as e:
+        opt.load_state_dict(sd)
+    assert "Prodigy.load_state_dict" in str(e.value)
+    assert_bitwise(before, _snap(opt, ps))
+    _grads(ps, 9)
+    opt.step()  # still usable
+    assert opt.param_groups[0]["k"] == 4
+
+
+@pytest.mark.parametrize("form", ["tensor", "float"])
+def test_counts_and_scalars_load_in_every_integral_form(form):
+    """k and step as integral floats or 0-dim tensors, d as a 0-dim tensor (prodigyopt under
+    FSDP stores tensors): accepted, and the run continues exactly as from the plain values."""
+    _, src = _trained(seed=1)
+    sd = copy.deepcopy(src.state_dict())
+    odd = copy.deepcopy(sd)
+    for g in odd["param_groups"]:
+        g["k"] = torch.tensor(g["k"]) if form == "tensor" else float(g["k"])
+        g["d"] = torch.tensor(g["d"], dtype=torch.float64) if form == "tensor" else g["d"]
+    for st in odd["state"].values():
+        st["step"] = torch.tensor(float(st["step"])) if form == "tensor" else float(st["step"])
+    runs = []
+    for d in (sd, odd):
+        ps, opt = _trained(seed=0)
+        opt.load_state_dict(d)
+        assert isinstance(opt.param_groups[0]["k"], int)
+        assert isinstance(opt.param_groups[0]["d"], float)
+        for t in range(3):
+            _grads(ps, 10 + t)
+            opt.step()
+        runs.append((ps, opt))
+    (pa, oa), (pb, ob) = runs
+    assert oa.param_groups[0]["d"] == ob.param_groups[0]["d"]
+    for a, b in zip(pa, pb):
+        assert_bitwise(a.detach(), b.detach())
+
+
+def test_load_pre_hooks_run_before_the_checks():
+    """torch's order: a register_load_state_dict_pre_hook may adapt an old checkpoint (here one
+    whose d was written as a string) before anything is checked."""
+    _, src = _trained(seed=1)
+    sd = copy.deepcopy(src.state_dict())
+    want = sd["param_groups"][0]["d"]
+    for g in sd["param_groups"]:
+        g["d"] = repr(g["d"])
+    ps, opt = _trained(seed=0)
+
+    def fix(optimizer, state_dict):
+        state_dict = copy.deepcopy(state_dict)
+        for g in state_dict["param_groups"]:
+            g["d"] = float(g["d"])
+        return state_dict
+
+    opt.register_load_state_dict_pre_hook(fix)
+    opt.load_state_dict(sd)
+    assert opt.param_groups[0]["d"] == want
+
+
+def test_rejected_load_leaves_rounding_generators_alone():
+    # a checkpoint whose generators differ, refused for a bad d: the generators keep theirs
+    _, src = _trained(seed=1)
+    sd = copy.deepcopy(src.state_dict())
+    sd["param_groups"][0]["d"] = "x"
+    ps, opt = _trained(seed=0)
+    gens = copy.deepcopy(opt._rounding_rng.state_dict())
+    with pytest.raises(ValueError):
+        opt.load_state_dict(sd)
+    assert_bitwise(gens, opt._rounding_rng.state_dict())

@@ -104,31 +104,41 @@ class NonFiniteStepError(FloatingPointError):
 class Prodigy(LowPrecisionStateMixin, OptimizerBase):
     r"""Prodigy, a learning-rate-free Adam (prodigyopt-compatible). Equations: module docstring.
 
+    Every number below may also be a 0-dim or 1-element real tensor (as torch.optim accepts):
+    each step reads it as a Python float (one host sync per CUDA tensor).
+
     Args:
-        params: parameters or param groups.
+        params: parameters or param groups (a group may be empty).
         lr: multiplier of the estimated step size ``d`` (dimensionless); keep 1.0 and tune
             ``d_coef`` instead. Every group's lr must be the largest lr or 0 (0 freezes the
-            group: no update, no weight decay). ``lr >= 0``.
-        betas: ``(beta1, beta2)`` in ``[0, 1)``: decay of the first moment ``exp_avg``
-            (``beta1 = 0`` drops it and saves one buffer) and of the second moment ``exp_avg_sq``.
-        beta3: decay in ``[0, 1)`` of the d statistics ``r`` and ``s``; ``None`` means
+            group: no update, no weight decay). ``0 <= lr < inf``.
+        betas: ``(beta1, beta2)``, ``0 <= betas[0] < 1`` and ``0 <= betas[1] < 1``: decay of
+            the first moment ``exp_avg`` (``beta1 = 0`` drops it and saves one buffer) and of
+            the second moment ``exp_avg_sq``.
+        beta3: decay of the d statistics ``r`` and ``s``, ``0 <= beta3 < 1``; ``None`` means
             ``sqrt(beta2)``.
-        eps: added to ``sqrt(v)`` after scaling by ``d`` (``d * eps``), ``> 0``.
-        weight_decay: ``>= 0``; decoupled (``theta -= weight_decay * dlr * theta``) when
-            ``decouple``, else an L2 term added to the gradient the step uses.
+        eps: added to ``sqrt(v)`` after scaling by ``d`` (``d * eps``), ``0 < eps < inf``.
+        weight_decay: ``0 <= weight_decay < inf``; decoupled (``theta -= weight_decay * dlr *
+            theta``) when ``decouple``, else an L2 term added to the gradient the step uses. A
+            value so large that a step would overflow is refused at that step
+            (:class:`NonFiniteStepError`, nothing changed).
         decouple: AdamW-style decoupled weight decay (default) instead of coupled L2.
         use_bias_correction: multiply the step by Adam's ``sqrt(1 - beta2^(k+1)) / (1 -
             beta1^(k+1))``.
         safeguard_warmup: accumulate ``s`` with ``(d/d0) * d`` instead of ``(d/d0) * dlr``, so
             a warmup schedule on ``lr`` does not shrink ``||s||_1`` and inflate ``d``.
-        d0: initial ``d`` (parameter units), ``> 0``; must be below the true distance.
+        d0: initial ``d`` (parameter units), ``0 < d0 < inf``; must be below the true
+            distance. ``d0 * eps`` must stay a normal number of the parameters' dtype (float32:
+            above 1.2e-38), else every step is refused.
         d_coef: multiplies the estimate, ``d_hat = d_coef * r / ||s||_1``: larger gives a
-            larger ``d`` (more aggressive), smaller is more conservative. ``> 0``.
-        growth_rate: ``d`` grows by at most this factor per step (``>= 1``; ``inf``: no bound).
-            As in prodigyopt the first jump away from ``d0`` is not bounded unless
-            ``strict_growth=True``.
+            larger ``d`` (more aggressive), smaller is more conservative. ``0 < d_coef < inf``.
+        growth_rate: ``d`` grows by at most this factor per step, ``1 <= growth_rate``
+            (``inf``: no bound). As in prodigyopt the first jump away from ``d0`` is not
+            bounded unless ``strict_growth=True``.
         fsdp_in_use: parameters are sharded across ranks: all-reduce the two sums of the d
-            update. Detected automatically for DTensor (FSDP2) and FSDP1 flat parameters.
+            update every step. Detected automatically for DTensor (FSDP2) and FSDP1 flat
+            parameters, and, with a warning, at the first step for ranks that hold different
+            parameters (``ZeroRedundancyOptimizer``); see docs/distributed.md.
         slice_p: compute ``r`` and ``s`` on every ``slice_p``-th element only (``int >= 1``):
             ``s`` and ``p0`` shrink to ``1/slice_p`` of the parameter; an approximation for
             ``slice_p > 1`` (11 is reasonable).
@@ -159,6 +169,9 @@ class Prodigy(LowPrecisionStateMixin, OptimizerBase):
             updates ``s, m, v, p`` in one pass. Groups with ``slice_p > 1`` or a narrower
             ``state_dtype`` keep the default path. The first step compiles (seconds) and
             needs a C++ compiler on CPU. Best with ``flat``.
+        independent_ranks: each rank of an initialised process group trains its own model
+            with this optimizer: never communicate (by default the first step checks that
+            the ranks hold the same parameters, and reduces when they are shards).
 
     Example:
         >>> model = torch.nn.Linear(3, 1)
@@ -173,6 +186,7 @@ class Prodigy(LowPrecisionStateMixin, OptimizerBase):
     # Its foreach path (fused Adam kernel for phase 2) beats the loop at every size.
     _loop_on_cpu = False
     _has_compiled = True
+    _state_keys = frozenset({"step", "s", "p0", "exp_avg", "exp_avg_sq"})
 
     def __init__(
         self,
@@ -198,8 +212,11 @@ class Prodigy(LowPrecisionStateMixin, OptimizerBase):
         state_dtype: torch.dtype | None = None,
         flat: bool = False,
         compile: bool = False,
+        independent_ranks: bool = False,
     ) -> None:
         # On the optimizer, not in the groups (prodigyopt's group keys stay exactly its own).
+        check_bool(type(self).__name__, "independent_ranks", independent_ranks)
+        self._independent_ranks = independent_ranks
         self._setup_state_dtype(state_dtype)
         defaults = dict(
             lr=lr, betas=betas, beta3=beta3, eps=eps, weight_decay=weight_decay,
@@ -218,7 +235,9 @@ class Prodigy(LowPrecisionStateMixin, OptimizerBase):
     # ------------------------------------------------------------------ validation
     def _validate_group(self, g: dict[str, Any]) -> None:
         n = type(self).__name__
-        check_range(n, "lr", g["lr"], 0.0)
+        # Real numbers, or 0-dim / 1-element real tensors as torch.optim accepts; every step
+        # reads them as Python floats (a CUDA tensor costs a host sync each).
+        check_range(n, "lr", g["lr"], 0.0, math.inf, hi_open=True)
         check_betas(n, g["betas"])
         if g["beta3"] is not None:
             check_range(n, "beta3", g["beta3"], 0.0, 1.0, hi_open=True)
@@ -233,12 +252,15 @@ class Prodigy(LowPrecisionStateMixin, OptimizerBase):
         for flag in ("decouple", "use_bias_correction", "safeguard_warmup", "fsdp_in_use",
                      "strict_growth", "stochastic_rounding"):
             check_bool(n, flag, g[flag])
-        if g["nonfinite"] not in ("raise", "skip"):
+        if not isinstance(g["nonfinite"], str) or g["nonfinite"] not in ("raise", "skip"):
             fail(n, "nonfinite", g["nonfinite"], "'raise' or 'skip'")
         if getattr(self, "_flat", False) and sp != 1:
             # s and p0 would subsample the flat buffer, not each tensor: other elements than
             # prodigyopt's, so a different d
             fail(n, "slice_p", sp, "1 with flat=True (slicing is per tensor)")
+        if getattr(self, "_independent_ranks", False) and g["fsdp_in_use"]:
+            fail(n, "fsdp_in_use", True, "False with independent_ranks=True (sharded parameters "
+                 "need their d sums all-reduced; independent ranks never communicate)")
 
     def _check_groups(self, groups: list[dict[str, Any]]) -> None:
         """Global hyperparameters agree and lrs are max-or-0 (prodigyopt's rule), else ValueError."""
@@ -274,43 +296,92 @@ class Prodigy(LowPrecisionStateMixin, OptimizerBase):
                 new[key] = self.param_groups[0][key]
         new["effective_lr"] = _effective_lr(new)
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_independent_ranks"] = self.__dict__.get("_independent_ranks", False)
+        return state
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._fresh = []
         self._scratch = {}
+        self.__dict__.setdefault("_independent_ranks", False)
         for g in self.param_groups:
             # prodigyopt under FSDP stores these as tensors; plain floats from here on
             for key in _FLOAT_SCALARS:
                 if isinstance(g.get(key), Tensor):
                     g[key] = float(g[key])
             g["k"] = int(g["k"])
+            g["skipped_steps"] = int(g["skipped_steps"])
             g["effective_lr"] = _effective_lr(g)
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load ours or prodigyopt's state_dict; low-precision params get float32 state back."""
-        low: dict[Any, Tensor] = {}
-        for saved, mine in zip(state_dict.get("param_groups", []), self.param_groups):
-            for pid, p in zip(saved.get("params", []), mine["params"]):
-                if p.dtype in _LOW_PRECISION:
-                    low[pid] = p
-        state_dict = self._load_rounding_rng(state_dict)
-        saved_state = state_dict.get("state", {})
-        super().load_state_dict(state_dict)
-        if self._state_dtype is not None:
-            self._recast_loaded_state(state_dict, ("s", "exp_avg", "exp_avg_sq"),
-                                      self._state_dtype_of)
-            self._recast_loaded_state(state_dict, ("p0",), lambda p: _stat_dtype(_local(p)))
-            return
-        # torch casts floating state to the parameter's dtype; ours is float32 for bf16/fp16
-        # params, so take the saved values again (no double rounding through bf16).
-        for pid, p in low.items():
-            st = self.state.get(p)
+    # ------------------------------------------------------------------ state_dict
+    # load_state_dict is the base's: pre-hooks, then _check_state_dict (everything below runs
+    # before anything is replaced; the rounding generators are checked by the mixin and
+    # restored only after), then torch's loader, then _after_load.
+    def _check_state_dict(self, sd: Any) -> None:
+        """The base's checks (structure, hyperparameters, state keys and shapes), then
+        Prodigy's: the global scalars, ``p0``'s layout and the state's values."""
+        super()._check_state_dict(sd)
+        bad = f"{type(self).__name__}.load_state_dict: malformed state_dict"
+        owners: dict[Any, tuple[dict[str, Any], Tensor]] = {}
+        for gi, (saved, mine) in enumerate(zip(sd["param_groups"], self.param_groups)):
+            merged = {**self.defaults,
+                      **{k: v for k, v in saved.items() if k not in ("params", "param_names")}}
+            where = f"{bad}: param group {gi}"
+            for key in ("d", "d0", "d_max"):
+                _check_loaded_real(where, key, merged[key], positive=True)
+            for key in ("d_numerator", "d_hat", "d_denom"):
+                _check_loaded_real(where, key, merged[key], positive=False)
+            for key in ("k", "skipped_steps"):
+                _check_loaded_count(where, key, merged[key])
+            for pid, p in zip(saved["params"], mine["params"]):
+                owners[pid] = (merged, p)
+        for pid, st in sd["state"].items():
             if not st:
                 continue
+            group, p = owners[pid]
             for key in ("s", "p0", "exp_avg", "exp_avg_sq"):
-                v = saved_state[pid].get(key)
-                if isinstance(v, Tensor):
-                    st[key] = v.to(device=p.device, dtype=torch.float32, copy=True)
+                v = st.get(key)
+                if v is None and key == "exp_avg":
+                    continue  # beta1 == 0 (the base checked the keys the group needs)
+                if not isinstance(v, Tensor) or not v.is_floating_point():
+                    raise ValueError(f"{bad}: state[{pid!r}][{key!r}] must be a floating-point "
+                                     f"tensor, got {_describe_value(v)}")
+                loc = _local(v)
+                if loc.numel() and not bool(torch.isfinite(loc).all()):
+                    raise ValueError(f"{bad}: state[{pid!r}][{key!r}] holds NaN or inf (a "
+                                     f"checkpoint of a run that diverged?)")
+                if key == "exp_avg_sq" and loc.numel() and bool((loc < 0).any()):
+                    raise ValueError(f"{bad}: state[{pid!r}]['exp_avg_sq'] holds negative values "
+                                     f"(a second moment is >= 0)")
+            p0 = st["p0"]
+            if not _is_dtensor(p):
+                want = (-(-p.numel() // group["slice_p"]),)
+                if p0.dim() != 0 and tuple(p0.shape) != want:
+                    raise ValueError(f"{bad}: state[{pid!r}]['p0'] has shape {tuple(p0.shape)}, "
+                                     f"expected {want} (or a 0-dim zero for an all-zero parameter)")
+
+    def _after_load(self, sd: dict[str, Any]) -> None:
+        """torch casts loaded floating state to the parameter's dtype; put back the dtypes
+        Prodigy keeps (float32 state for float16/bfloat16 parameters, or ``state_dtype``) from
+        the saved values, without a double rounding through the parameter's dtype."""
+        super()._after_load(sd)
+        self.__dict__.pop("_recast_sig", None)
+        if self._state_dtype is not None:
+            self._recast_loaded_state(sd, ("s", "exp_avg", "exp_avg_sq"), self._state_dtype_of)
+            self._recast_loaded_state(sd, ("p0",), lambda p: _stat_dtype(_local(p)))
+            return
+        saved_state = sd["state"]
+        for saved, mine in zip(sd["param_groups"], self.param_groups):
+            for pid, p in zip(saved["params"], mine["params"]):
+                st = self.state.get(p)
+                if p.dtype not in _LOW_PRECISION or not st or pid not in saved_state:
+                    continue
+                for key in ("s", "p0", "exp_avg", "exp_avg_sq"):
+                    v = saved_state[pid].get(key)
+                    if isinstance(v, Tensor):
+                        st[key] = v.to(device=p.device, dtype=torch.float32, copy=True)
 
     def _state_dtype_of(self, p: Tensor) -> torch.dtype:
         return self._state_dtype or _stat_dtype(_local(p))
@@ -338,7 +409,7 @@ class Prodigy(LowPrecisionStateMixin, OptimizerBase):
             # float32 p0 with bf16 s/m/v -> 0.987 (float32 state: 0.983).
             state["p0"] = torch.empty(sliced.shape, dtype=_stat_dtype(pl), device=pl.device)
             state["p0"].copy_(sliced)  # contiguous even when the slice is strided
-        if self.param_groups[0]["betas"][0] > 0:
+        if float(self.param_groups[0]["betas"][0]) > 0:
             state["exp_avg"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
         state["exp_avg_sq"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
         self._fresh.append((p, state))
@@ -347,26 +418,63 @@ class Prodigy(LowPrecisionStateMixin, OptimizerBase):
         n = p.numel()
         s_shape = ANY if _is_dtensor(p) else (-(-n // group["slice_p"]),)
         spec: dict[str, Any] = {"step": SCALAR, "s": s_shape, "p0": ANY, "exp_avg_sq": PARAM_SHAPE}
-        if group["betas"][0] > 0:
+        if float(group["betas"][0]) > 0:
             spec["exp_avg"] = PARAM_SHAPE
         return spec
 
     def _gather(self, gi: int, group: dict[str, Any]) -> GroupWork:
         if gi == 0:  # before any state is created: the whole step is checked first
+            for g in self.param_groups:  # values set after construction (a scheduler, a user)
+                self._validate_group(g)
             self._check_groups(self.param_groups)
-            self._fresh = []
+            if self._independent_ranks and self._has_sharded_params():
+                raise ValueError(
+                    f"{type(self).__name__}: independent_ranks=True but some parameters are "
+                    "sharded (DTensor / FSDP): their d sums must be all-reduced; drop "
+                    "independent_ranks")
         return super()._gather(gi, group)
 
+    def _mixed_dtype_ok(self, group: dict[str, Any]) -> bool:
+        # A model moved to another dtype after construction keeps training: its state is
+        # recast (as load_state_dict into a fresh optimizer would) once the step is known to
+        # be taken, see _recast_moved.
+        return True
+
     # ------------------------------------------------------------------ the step
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        """One step; ``closure`` re-evaluates the model and returns the loss.
+
+        A step that raises leaves parameters, state, group values and torch's RNG as they
+        were. With several ranks it raises on every rank: a rank that fails before Prodigy's
+        collective still joins it, flagging the failure, so no rank is left waiting.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._fresh = []
+        self._joined = False
+        try:
+            super().step()
+        except Exception:
+            self._undo_fresh()
+            if not self._joined:
+                self._join_failed()
+            raise
+        finally:
+            self._fresh = []
+        return loss
+
     def _apply(self, works: list[GroupWork]) -> None:
         groups = self.param_groups
         g0 = groups[0]
-        beta1, beta2 = g0["betas"]
-        beta3 = g0["beta3"] if g0["beta3"] is not None else math.sqrt(beta2)
-        k, d, d_max, d0 = g0["k"], g0["d"], g0["d_max"], g0["d0"]
+        beta1, beta2 = (float(b) for b in g0["betas"])
+        beta3 = float(g0["beta3"]) if g0["beta3"] is not None else math.sqrt(beta2)
+        k, d, d_max, d0 = int(g0["k"]), float(g0["d"]), float(g0["d_max"]), float(g0["d0"])
         lr = max(float(g["lr"]) for g in groups)
         dlr = d * lr * _bias_correction(g0, k)
-        fresh, self._fresh = self._fresh, []
+        fresh = self._fresh
         if lr == 0.0:  # everything frozen (prodigyopt also stops before any update)
             self._settle_fresh(fresh, torch.stack([torch.any(_local(p)) for p, _ in fresh])
                                .tolist() if fresh else [])
@@ -375,7 +483,8 @@ class Prodigy(LowPrecisionStateMixin, OptimizerBase):
         # ---- phase 1: statistics only; nothing is written (s' is written in phase 2)
         c_num = (d / d0) * dlr  # the numerator's per-step scale (d/d0 keeps it away from 0)
         active = [w for w in works if w.params and float(w.group["lr"]) > 0]
-        pieces: list[tuple[Any, Any, Any]] = []  # per group: (<g_sl, p0 - p_sl>, ||s'||_1, probe)
+        # per group: (<g_sl, p0 - p_sl>, ||s'||_1, sum of max |g| per tensor)
+        pieces: list[tuple[Any, Any, Any]] = []
         comp = {id(w): self._compiled_applies(w) for w in active}
         fast = {id(w): not comp[id(w)] and self._fast(w, beta1) for w in active}
         for w in active:
@@ -399,42 +508,68 @@ class Prodigy(LowPrecisionStateMixin, OptimizerBase):
                 [_sliced_local(st["p0"], p, sp) for p, st in zip(w.params, w.states)],
                 **self._s_hp(grp, beta3, d, dlr),
             ))
+        # Bounds the overflow checks need beyond max |g| (decided from every group's
+        # hyperparameters, not from which groups have gradients here: the same on every rank)
+        live = [g for g in groups if float(g["lr"]) > 0]
+        need_p = any((not g0["decouple"] and float(g["weight_decay"]) > 0)
+                     or (g0["decouple"] and float(g["weight_decay"]) * dlr > 2) for g in live)
+        pmax = _max_abs([_local(p) for w in active for p in w.params]) if need_p else None
+        smax = self._s_max_fp16(active, beta3, d, dlr)
 
         # ---- the one host sync: global sums (all-reduced when sharded) and the p0 flags
-        delta, den, chk, flags = self._global_sums(pieces, fresh, c_num, works)
-        if not all(math.isfinite(x) for x in (delta, den, chk)):
-            self._reject(active, fresh)
+        sums = self._global_sums(pieces, fresh, c_num, pmax, smax, active)
+        if sums.failed_ranks:
+            raise RuntimeError(
+                f"{type(self).__name__}: {sums.failed_ranks:g} other rank(s) raised in this "
+                "step before Prodigy's all-reduce (see their error); the step was not taken "
+                "and parameters and optimizer state are unchanged on every rank")
+        update = sums.den != 0.0  # no gradient signal yet: prodigyopt keeps s, m, v, returns
+        problem = None
+        if not all(math.isfinite(x) for x in (sums.delta, sums.den, sums.gmax, sums.pmax,
+                                              sums.smax)):
+            problem = "non-finite statistics in this step (" + _locate_nonfinite(
+                groups, active, self.state) + ")"
+        d_new, d_numerator, d_hat = d, float(g0["d_numerator"]), float(g0["d_hat"])
+        if problem is None and update:
+            # ---- d update (global scalars, host floats)
+            d_numerator = d_numerator * beta3 + sums.delta
+            d_hat = float(g0["d_coef"]) * d_numerator / sums.den
+            if d == d0 and not g0["strict_growth"]:
+                d_new = max(d, d_hat)
+            d_max = max(d_max, d_hat)
+            d_new = min(d_max, d_new * float(g0["growth_rate"]))
+        if problem is None:
+            problem = _output_problem(
+                live, decouple=g0["decouple"], update=update, d=d, d0=d0, d_new=d_new,
+                d_max=d_max, d_numerator=d_numerator, d_hat=d_hat, dlr=dlr, beta1=beta1,
+                beta2=beta2, gmax=sums.gmax, pmax=sums.pmax, smax=sums.smax,
+                lim=sums.limits)
+        if problem is not None:
+            self._reject(problem)
             return
-        self._settle_fresh(fresh, flags)
-        if den == 0.0:  # no gradient signal yet: prodigyopt keeps s, m, v and returns
+        # ---- from here on nothing raises: every input and output was checked
+        self._settle_fresh(fresh, sums.flags)
+        self._recast_moved(works)
+        if not update:
             for w in active:
                 self._phase2(w, beta1, beta2, beta3, d, d, dlr, update_params=False)
             return
-
-        # ---- d update (global scalars, host floats)
-        d_numerator = g0["d_numerator"] * beta3 + delta
-        d_hat = g0["d_coef"] * d_numerator / den
-        d_new = d
-        if d == d0 and not g0["strict_growth"]:
-            d_new = max(d, d_hat)
-        d_max = max(d_max, d_hat)
-        d_new = min(d_max, d_new * g0["growth_rate"])
-        for g in groups:
-            g.update(d_numerator=d_numerator, d_denom=den, d=d_new, d_max=d_max, d_hat=d_hat,
-                     k=k + 1)
-            g["effective_lr"] = _effective_lr(g)
 
         # ---- phase 2: moments and parameters (frozen groups only count the step)
         for w in works:
             if w.params and float(w.group["lr"]) > 0:
                 self._phase2(w, beta1, beta2, beta3, d, d_new, dlr, update_params=True,
-                             fast=fast[id(w)], compiled=comp[id(w)])
+                             fast=fast.get(id(w), False), compiled=comp.get(id(w), False))
             for st in w.states:
                 st["step"] += 1
+        for g in groups:
+            g.update(d_numerator=d_numerator, d_denom=sums.den, d=d_new, d_max=d_max,
+                     d_hat=d_hat, k=k + 1)
+            g["effective_lr"] = _effective_lr(g)
 
     def _s_hp(self, grp: dict[str, Any], beta3: float, d: float, dlr: float) -> dict[str, Any]:
         """The s-update hyperparameters of one group: s' = beta3 * s + c_s * g_sl."""
-        d0 = grp["d0"]
+        d0 = float(grp["d0"])
         return dict(
             slice_p=grp["slice_p"], beta3=beta3,
             c_s=(d / d0) * d if grp["safeguard_warmup"] else (d / d0) * dlr,
@@ -556,61 +691,199 @@ class Prodigy(LowPrecisionStateMixin, OptimizerBase):
     # ------------------------------------------------------------------ helpers
     def _global_sums(self, pieces: list[tuple[Any, Any, Any]],
                      fresh: list[tuple[Tensor, dict[str, Any]]], c_num: float,
-                     works: list[GroupWork]) -> tuple[float, float, float, list[float]]:
-        """(sum of c_num * dots, sum of ||s'||_1, finiteness probe, p0 flags) with one host sync.
+                     pmax: Tensor | None, smax: Tensor | None,
+                     active: list[GroupWork]) -> _Sums:
+        """The step's statistics with one host sync: the sum of c_num * dots, ``||s'||_1``,
+        the bounds (max |g| per tensor, summed; max |p| and max |s'| where needed), the dtype
+        limits and the p0 flags.
 
         Unsharded, the per-tensor values come to the host and are summed there in parameter
         order, exactly as prodigyopt sums its per-parameter ``.item()`` values, so the result is
         bitwise the same whatever the implementation. Sharded, each rank sums on its device and
-        the 3-vector is all-reduced there (ranks without gradients contribute zeros).
+        the vector is all-reduced there (ranks without gradients contribute zeros; a rank that
+        failed before this point contributes its failure flag, see :meth:`_join_failed`).
+        The first step with several ranks and no sharding declared all-gathers that vector
+        with a fingerprint of each rank's parameters instead (see :meth:`_dist_mode`).
         """
         dev = self._main_device()
         acc = _acc_dtype(dev)
+        mode = self._dist_mode()
         flags = [torch.any(_local(p)).reshape(1).to(device=dev, dtype=acc) for p, _ in fresh]
-        if self._sharded(works):
-            red = torch.zeros(3, dtype=acc, device=dev)
+        narrow = float(self._narrowest_is_float32(active))
+        bounds = [x.reshape(1).to(device=dev, dtype=acc) if x is not None
+                  else torch.zeros(1, dtype=acc, device=dev) for x in (pmax, smax)]
+        if mode in ("reduce", "check"):
+            red = torch.zeros(_N_REDUCE, dtype=acc, device=dev)
             for dots, l1s, chk in pieces:
                 if isinstance(dots, Tensor):
-                    red += torch.stack([dots.sum() * c_num, l1s.sum(), chk]).to(red)
+                    red[:3] += torch.stack([dots.sum() * c_num, l1s.sum(), chk.sum()]).to(red)
                 else:
-                    red += torch.tensor([c_num * sum(dots), sum(l1s), chk], dtype=acc, device=dev)
-            dist.all_reduce(red, op=dist.ReduceOp.SUM)
+                    red[:3] += torch.tensor([c_num * sum(dots), sum(l1s), chk], dtype=acc,
+                                            device=dev)
+            red[3:5] = torch.cat(bounds)
+            red[6] = narrow
+        if mode == "reduce":
+            self._collective(mode, red)
             vals = torch.cat([red, *flags]).tolist()
-            return vals[0], vals[1], vals[2], vals[3:]
+            return _Sums(vals[0], vals[1], vals[2], vals[3], vals[4], vals[5],
+                         _limits(vals[6] > 0), vals[_N_REDUCE:])
         on_dev = [t.reshape(-1).to(device=dev, dtype=acc) for piece in pieces
                   if isinstance(piece[0], Tensor) for t in piece]
-        host = iter(torch.cat(on_dev + flags).tolist() if on_dev or flags else [])
+        tail = torch.cat(bounds)
+        if mode == "check":
+            vec = torch.cat([red, self._fingerprint(dev, acc)])
+            tail = torch.cat([tail, self._collective(mode, vec).reshape(-1)])
+        host = iter(torch.cat(on_dev + flags + [tail]).tolist())
         delta = den = chk = 0.0
         for dots, l1s, probe in pieces:
             if isinstance(dots, Tensor):
                 dots = [next(host) for _ in range(dots.numel())]
                 l1s = [next(host) for _ in range(l1s.numel())]
-                probe = next(host)
+                probe = sum(next(host) for _ in range(probe.numel()))
             for x in dots:
                 delta += c_num * x
             for x in l1s:
                 den += x
             chk += probe
-        return delta, den, chk, list(host)
+        p0_flags = [next(host) for _ in fresh]
+        local = _Sums(delta, den, chk, next(host), next(host), 0.0, _limits(narrow > 0), p0_flags)
+        if mode != "check":
+            return local
+        rows = list(host)
+        width = len(rows) // dist.get_world_size()
+        rows = [rows[i:i + width] for i in range(0, len(rows), width)]
+        failed = sum(r[5] for r in rows)
+        if failed:
+            local.failed_ranks = failed
+            return local
+        if _same_parameters([r[_N_REDUCE:] for r in rows]):
+            self._replica_key = self._groups_key()  # data parallel: never communicate again
+            return local
+        # Sharded without fsdp_in_use (ZeroRedundancyOptimizer): reduce, now and from now on
+        self._shard_key = self._groups_key()
+        warnings.warn(_sharded_warning(type(self).__name__, rows), UserWarning, stacklevel=2)
+        tot = [sum(r[i] for r in rows) for i in range(_N_REDUCE)]
+        return _Sums(tot[0], tot[1], tot[2], tot[3], tot[4], 0.0,
+                     _limits(max(r[6] for r in rows) > 0), p0_flags)
 
-    def _main_device(self) -> torch.device:
-        return _local(self.param_groups[0]["params"][0]).device
+    def _groups_key(self) -> tuple[int, ...]:
+        return tuple(len(g["params"]) for g in self.param_groups)
 
-    def _sharded(self, works: list[GroupWork]) -> bool:
-        """Sharded when asked, or when any parameter (with a grad or not) is DTensor/FSDP1-flat."""
-        # without an initialised process group there is one rank: the local sums are global
-        if dist is None or not dist.is_available() or not dist.is_initialized():
-            return False
-        if self.param_groups[0]["fsdp_in_use"]:
-            return True
+    def _dist_mode(self) -> str:
+        """How this step's d sums combine across ranks.
+
+        ``"local"``: one process (or ``independent_ranks``). ``"reduce"``: sharded
+        (``fsdp_in_use``, DTensor or FSDP1 flat parameters): the sums are all-reduced every
+        step. ``"check"``: several ranks, no sharding declared or detected, not yet verified:
+        the step (the first, and the first after the param groups change) all-gathers the
+        sums with a fingerprint of each rank's parameters. Identical fingerprints (data
+        parallel: every rank holds every parameter) make it ``"replicated"``, which never
+        communicates; different ones (ZeroRedundancyOptimizer without ``fsdp_in_use``) make
+        it ``"reduce"`` with a warning, so every rank uses the d of the whole model.
+        """
+        if (self.__dict__.get("_independent_ranks") or dist is None or not dist.is_available()
+                or not dist.is_initialized() or dist.get_world_size() < 2):
+            return "local"
+        if self.param_groups[0]["fsdp_in_use"] or self._has_sharded_params():
+            return "reduce"
+        key = self._groups_key()
+        if self.__dict__.get("_shard_key") == key:
+            return "reduce"
+        return "replicated" if self.__dict__.get("_replica_key") == key else "check"
+
+    def _has_sharded_params(self) -> bool:
+        """Whether any parameter (with a grad or not) is a DTensor or an FSDP1 flat parameter."""
         # Scanning every parameter each step costs ~0.5 ms per 2000 tensors: redo it only when
         # the groups change (a parameter does not turn into a DTensor under an optimizer).
-        key = tuple(len(g["params"]) for g in self.param_groups)
+        key = self._groups_key()
         if self.__dict__.get("_sharded_key") != key:
             self._sharded_params = any(_is_dtensor(p) or hasattr(p, "_fsdp_flattened")
                                        for g in self.param_groups for p in g["params"])
             self._sharded_key = key
         return self._sharded_params
+
+    def _collective(self, mode: str, vec: Tensor) -> Tensor:
+        """The step's one collective: all-reduce (``"reduce"``) or all-gather (``"check"``)."""
+        self._joined = True
+        if mode == "reduce":
+            dist.all_reduce(vec, op=dist.ReduceOp.SUM)
+            return vec
+        out = [torch.empty_like(vec) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, vec)
+        return torch.stack(out)
+
+    def _join_failed(self) -> None:
+        """This rank raised before the step's collective: join it anyway with a failure flag,
+        so the other ranks raise too instead of waiting. Joins exactly when the others reach
+        it: the mode and the frozen-step rule depend only on values every rank shares."""
+        try:
+            mode = self._dist_mode()
+            if mode not in ("reduce", "check") or max(float(g["lr"]) for g in self.param_groups) == 0:
+                return
+            dev = self._main_device()
+            acc = _acc_dtype(dev)
+            n = _N_REDUCE if mode == "reduce" else _N_REDUCE + _N_FINGERPRINT
+            vec = torch.zeros(n, dtype=acc, device=dev)
+            vec[5] = 1.0  # the failure flag
+            self._collective(mode, vec)
+        except Exception:  # the error being raised is the one to report
+            pass
+
+    def _fingerprint(self, dev: torch.device, acc: torch.dtype) -> Tensor:
+        """This rank's parameter set: count, elements, a hash of the shapes, and the L1 and
+        squared L2 norms of the values (data-parallel ranks hold the same values)."""
+        ps = [_local(p) for g in self.param_groups for p in g["params"]]
+        h = 0
+        for p in ps:
+            h = (h * 1000003 + hash(tuple(p.shape))) % 2147483647
+        l1 = l2 = torch.zeros((), dtype=acc, device=dev)
+        nonempty = [p.detach() for p in ps if p.numel()]
+        if nonempty:
+            for (ts,), _ in group_by_device_dtype(nonempty).values():
+                l1 = l1 + torch.stack(tc.foreach_norm(ts, ord=1)).to(dev, acc).sum()
+                l2 = l2 + torch.stack(tc.foreach_norm(ts, ord=2)).to(dev, acc).square().sum()
+        head = torch.tensor([len(ps), sum(p.numel() for p in ps), h], dtype=acc, device=dev)
+        return torch.cat([head, l1.reshape(1), l2.reshape(1)])
+
+    def _narrowest_is_float32(self, active: list[GroupWork]) -> bool:
+        """Whether this step computes or stores anything in float32 range (a float32, bfloat16
+        or float16 parameter, or a narrower ``state_dtype``), else everything is float64."""
+        if self._state_dtype is not None:
+            return True
+        return any(p.dtype != torch.float64 for w in active for p in w.params)
+
+    def _s_max_fp16(self, active: list[GroupWork], beta3: float, d: float,
+                    dlr: float) -> Tensor | None:
+        """max |s'| over groups whose ``s`` is stored in float16 (``state_dtype``), whose range
+        (65504) the new ``s`` can exceed element by element; None when there are none."""
+        if self._state_dtype != torch.float16:
+            return None
+        out = []
+        for w in active:
+            hp = self._s_hp(w.group, beta3, d, dlr)
+            sp = hp["slice_p"]
+            for p, g, st in zip(w.params, w.grads, w.states):
+                pl, gl = _local(p).reshape(-1)[::sp].float(), _local(g).reshape(-1)[::sp].float()
+                if hp["coupled_wd"] != 0:
+                    gl = gl.add(pl, alpha=hp["coupled_wd"])
+                s_ = _sliced_local(st["s"], p, sp).float()
+                if s_.numel():
+                    out.append(torch.linalg.vector_norm(s_.mul(beta3).add_(gl, alpha=hp["c_s"]),
+                                                        math.inf).double())
+        return torch.stack(out).max() if out else None
+
+    def _main_device(self) -> torch.device:
+        """The device of the step's scalars and collective: the first parameter's, in any
+        group (group 0 may be empty); with none on this rank (a ZeRO shard with no
+        parameters) the process group's device."""
+        for g in self.param_groups:
+            for p in g["params"]:
+                return _local(p).device
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            backend = str(dist.get_backend())
+            if "nccl" in backend and torch.cuda.is_available():
+                return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
 
     def _settle_fresh(self, fresh: list[tuple[Tensor, dict[str, Any]]],
                       any_flags: list[float]) -> None:
@@ -621,22 +894,209 @@ class Prodigy(LowPrecisionStateMixin, OptimizerBase):
             if not nonzero and not _is_dtensor(p) and self.state.get(p) is st:
                 st["p0"] = torch.zeros((), dtype=st["p0"].dtype, device=st["p0"].device)
 
-    def _reject(self, active: list[GroupWork], fresh: list[tuple[Tensor, dict[str, Any]]]) -> None:
-        """A non-finite statistic: undo state creation, then raise or skip."""
-        where = _locate_nonfinite(self.param_groups, active, self.state)
-        for p, st in fresh:  # state created by this step: back to "never stepped"
-            st.clear()  # a flat bucket's members are then dropped by the base class
+    def _recast_moved(self, works: list[GroupWork]) -> None:
+        """State whose dtype no longer fits its parameter (``model.double()`` after the
+        optimizer was built) is recast as ``load_state_dict`` into a fresh optimizer would:
+        ``s``, ``exp_avg``, ``exp_avg_sq`` to the state dtype, ``p0`` to the statistics dtype.
+        Runs only once the step is known to be taken; cheap when nothing moved."""
+        sig = self.__dict__.setdefault("_recast_sig", {})
+        moved = False
+        for gi, (w, group) in enumerate(zip(works, self.param_groups)):
+            key = tuple(p.dtype for p in group["params"])
+            if sig.get(gi) == key:
+                continue
+            done = True
+            for p, st in zip(w.params, w.states):
+                if not st:
+                    continue
+                want = self._state_dtype_of(p)
+                for k in ("s", "exp_avg", "exp_avg_sq"):
+                    if isinstance(st.get(k), Tensor) and st[k].dtype != want:
+                        st[k] = st[k].to(want)
+                        moved = True
+                want0 = _stat_dtype(_local(p))
+                if st["p0"].dtype != want0:
+                    st["p0"] = st["p0"].to(want0)
+                    moved = True
+            # parameters without a gradient keep theirs until they step
+            for p in group["params"]:
+                st = self.state.get(p)
+                if st and isinstance(st.get("exp_avg_sq"), Tensor) and (
+                        st["exp_avg_sq"].dtype != self._state_dtype_of(p)
+                        or st["p0"].dtype != _stat_dtype(_local(p))):
+                    done = False
+                    break
+            if done:
+                sig[gi] = key
+        if moved:
+            self.__dict__.pop("_dtype_sig", None)  # the base's cache: the group is no longer moved
+
+    def _undo_fresh(self) -> None:
+        """State created by this step: back to "never stepped" (flat buckets included)."""
+        fresh, self._fresh = self._fresh, []
+        for p, st in fresh:
+            st.clear()  # a flat bucket's members are then dropped (FlatBucket.after_step)
             if self.state.get(p) is st:
                 del self.state[p]
+        if fresh:
+            for gi, buckets in self._buckets.items():
+                for b in buckets:
+                    if b.ready and not b.state and getattr(b, "_had_state", False):
+                        b.after_step(self, self.param_groups[gi])
+
+    def _reject(self, problem: str) -> None:
+        """A step whose inputs or outputs are non-finite: undo state creation, then raise or
+        skip (the decision comes from values every rank shares)."""
+        self._undo_fresh()
         n = type(self).__name__
-        msg = (f"{n}: non-finite statistics in this step ({where}); the step was not taken and "
-               f"parameters and optimizer state are unchanged")
+        msg = f"{n}: {problem}; the step was not taken and parameters and optimizer state are unchanged"
         if self.param_groups[0]["nonfinite"] == "raise":
             raise NonFiniteStepError(msg + "; pass nonfinite='skip' to skip such steps instead")
         for g in self.param_groups:
             g["skipped_steps"] += 1
         warnings.warn(msg + f" (skipped steps so far: {self.param_groups[0]['skipped_steps']})",
-                      RuntimeWarning, stacklevel=4)
+                      RuntimeWarning, stacklevel=5)
+
+
+#: the all-reduced vector: [c_num * sum dots, sum ||s'||_1, max |g| (summed over groups and
+#: ranks), max |p|, max |s'|, failed ranks, float32 range in use]
+_N_REDUCE = 7
+#: count, elements, shape hash, L1, squared L2 (see Prodigy._fingerprint)
+_N_FINGERPRINT = 5
+
+
+class _Sums:
+    """What the step's host sync returns (see ``Prodigy._global_sums``)."""
+
+    __slots__ = ("delta", "den", "gmax", "pmax", "smax", "failed_ranks", "limits", "flags")
+
+    def __init__(self, delta: float, den: float, gmax: float, pmax: float, smax: float,
+                 failed_ranks: float, limits: torch.finfo, flags: list[float]) -> None:
+        self.delta, self.den, self.gmax, self.pmax, self.smax = delta, den, gmax, pmax, smax
+        self.failed_ranks, self.limits, self.flags = failed_ranks, limits, flags
+
+
+def _limits(float32: bool) -> torch.finfo:
+    return torch.finfo(torch.float32 if float32 else torch.float64)
+
+
+def _same_parameters(fps: list[list[float]]) -> bool:
+    """Whether every rank's fingerprint is the same: counts and the shape hash exactly, the
+    norms to 1e-6 relative (identical values summed the same way agree exactly; the tolerance
+    only absorbs another reduction order on other hardware; NaN weights are reported by the
+    non-finite check, not here)."""
+    first = fps[0]
+    return all(fp[:3] == first[:3] and all(
+        abs(a - b) <= 1e-6 * max(abs(a), abs(b)) or not (math.isfinite(a) and math.isfinite(b))
+        for a, b in zip(fp[3:], first[3:])) for fp in fps[1:])
+
+
+def _sharded_warning(owner: str, rows: list[list[float]]) -> str:
+    desc = "; ".join(f"rank {i}: {int(r[_N_REDUCE])} tensors, {int(r[_N_REDUCE + 1])} elements"
+                     for i, r in enumerate(rows))
+    return (
+        f"{owner}: the ranks hold different parameters ({desc}, or the same shapes with other "
+        "values): the optimizer is sharded across ranks (e.g. ZeroRedundancyOptimizer), so "
+        "Prodigy all-reduces its d statistics every step from now on and every rank uses the "
+        "d of the whole model. Pass fsdp_in_use=True to say so (and silence this warning), "
+        "or independent_ranks=True if each rank trains its own model"
+    )
+
+
+def _output_problem(groups: list[dict[str, Any]], *, decouple: bool, update: bool, d: float,
+                    d0: float, d_new: float, d_max: float, d_numerator: float, d_hat: float,
+                    dlr: float, beta1: float, beta2: float, gmax: float, pmax: float,
+                    smax: float, lim: torch.finfo) -> str | None:
+    """Why this step's outputs could be non-finite, or None. Host arithmetic only.
+
+    ``lim`` is the narrowest floating type the step computes or stores in (float32 unless
+    everything is float64). Checked: the d update's new values; every scalar phase 2 hands
+    to a kernel, in ``lim``'s range; ``d' * eps`` above ``lim``'s smallest normal (else the
+    denominator ``sqrt(v) + d' eps`` can be 0 where v is); ``exp_avg_sq``: with ``G`` a bound
+    on max |g + coupled_wd * p|, ``(d G)^2 <= max / 2`` keeps ``v' = beta2 v + d^2 (1 -
+    beta2) g^2`` and ``m`` (``|m'| <= max(|m|, d G)``) finite; decoupled decay with ``wd *
+    dlr > 2`` (a factor ``|1 - wd dlr| > 1``) must keep ``max |p| * (wd dlr - 1)`` in range;
+    ``s`` stored in float16: max |s'| within float16's range.
+    """
+    fmt = lambda x: f"{x:.4g}"  # noqa: E731
+    name = str(lim.dtype).replace("torch.", "")
+    if update:
+        for key, v in (("d", d_new), ("d_max", d_max), ("d_numerator", d_numerator),
+                       ("d_hat", d_hat)):
+            if not math.isfinite(v):
+                return (f"the d update gives {key}={v!r} (d={fmt(d)}, d_numerator="
+                        f"{fmt(d_numerator)}): non-finite output")
+        if not d_new > 0:
+            return f"the d update gives d={d_new!r}; d must stay > 0"
+    big = lim.max
+    for g in groups:
+        wd, eps = float(g["weight_decay"]), float(g["eps"])
+        c_s = (d / d0) * d if g["safeguard_warmup"] else (d / d0) * dlr
+        coupled = 0.0 if decouple else wd
+        scal = {"d / d0": d / d0, "dlr = d * lr * bias_correction": dlr, "c_s": c_s,
+                "c_s * weight_decay": c_s * coupled, "d * weight_decay": d * coupled,
+                "d * (1 - beta1)": d * (1 - beta1), "d^2 * (1 - beta2)": d * d * (1 - beta2)}
+        if update:
+            # this step's, and the next step's scale factors with the new d (a d that made
+            # every later step overflow would be a non-finite output too)
+            nxt = d_new / d0
+            scal.update({"weight_decay * dlr": (wd if decouple else 0.0) * dlr,
+                         "d * eps": d_new * eps, "dlr * d": dlr * d_new, "new d / d0": nxt,
+                         "new c_s": nxt * d_new * max(1.0, dlr / d if d > 0 else 1.0)})
+        for key, v in scal.items():
+            if not (math.isfinite(v) and abs(v) <= big):
+                return f"{key} = {fmt(v)} overflows {name} (max {fmt(big)}): non-finite output"
+        if update and d_new * eps < lim.tiny:
+            return (f"d * eps = {fmt(d_new * eps)} underflows {name} (smallest normal "
+                    f"{fmt(lim.tiny)}), so the update's denominator sqrt(v) + d * eps can be 0: "
+                    f"use a larger d0 (now {fmt(d0)}) or eps (now {fmt(eps)})")
+        geff = gmax + coupled * pmax
+        if d * geff > math.sqrt(big / 2):
+            return (f"exp_avg_sq would overflow {name}: d = {fmt(d)} times max |gradient| "
+                    f"<= {fmt(geff)} gives d^2 g^2 up to {fmt((d * geff) ** 2) if d * geff < 1e150 else 'inf'}")
+        if update and decouple and wd * dlr > 2 and pmax * (wd * dlr - 1) > big / 2:
+            return (f"decoupled weight decay would overflow the parameters: weight_decay * dlr "
+                    f"= {fmt(wd * dlr)} scales max |p| = {fmt(pmax)} past {name}'s range")
+    if smax > torch.finfo(torch.float16).max / 2:
+        return (f"s would overflow its float16 storage (state_dtype=torch.float16): max |s| = "
+                f"{fmt(smax)}; use state_dtype=torch.bfloat16")
+    return None
+
+
+def _max_abs(tensors: list[Tensor]) -> Tensor | None:
+    """max |t| over ``tensors`` (float64 on the first tensor's device), one multi-tensor op per
+    (device, dtype); None when there is nothing to scan."""
+    nonempty = [t.detach() for t in tensors if t.numel()]
+    if not nonempty:
+        return None
+    dev = nonempty[0].device
+    acc = _acc_dtype(dev)
+    out = [torch.stack(tc.foreach_norm(ts, ord=math.inf)).to(dev, acc).max()
+           for (ts,), _ in group_by_device_dtype(nonempty).values()]
+    return torch.stack(out).max()
+
+
+def _check_loaded_real(where: str, key: str, v: Any, *, positive: bool) -> None:
+    ok = (isinstance(v, (int, float)) and not isinstance(v, bool)) or (
+        isinstance(v, Tensor) and v.numel() == 1 and v.dtype != torch.bool and not v.is_complex())
+    x = float(v) if ok else math.nan
+    if not (math.isfinite(x) and (x > 0 or not positive)):
+        want = "a finite number > 0" if positive else "a finite number"
+        raise ValueError(f"{where}: {key}={v!r}; expected {want}")
+
+
+def _check_loaded_count(where: str, key: str, v: Any) -> None:
+    ok = (isinstance(v, (int, float)) and not isinstance(v, bool)) or (
+        isinstance(v, Tensor) and v.numel() == 1 and v.dtype != torch.bool and not v.is_complex())
+    x = float(v) if ok else math.nan
+    if not (math.isfinite(x) and x >= 0 and x == int(x)):
+        raise ValueError(f"{where}: {key}={v!r}; expected a count (an integer >= 0)")
+
+
+def _describe_value(v: Any) -> str:
+    if isinstance(v, Tensor):
+        return f"a {v.dtype} tensor of shape {tuple(v.shape)}"
+    return f"{type(v).__name__} {v!r}"
 
 
 # ---------------------------------------------------------------------------------- math
@@ -663,8 +1123,9 @@ def prodigy_stats_reference(
         g_sl = g.flatten()[::slice_p]
         dots.append(torch.dot(g_sl, p0_ - p.flatten()[::slice_p]).item())  # r increment / c
         l1s.append(s_.mul(beta3).add_(g_sl, alpha=c_s).abs().sum().item())  # ||s'||_1 term
-        if slice_p > 1 and g.numel():
-            chk += g.abs().amax().item()
+        if g.numel():  # bounds the outputs (and sees a NaN/inf outside the slice)
+            m = g.abs().amax().item()
+            chk = max(chk, m) if m == m else math.nan  # max(), keeping a NaN
     return dots, l1s, chk
 
 
@@ -693,9 +1154,9 @@ def prodigy_stats_foreach(
         l1s.append(torch.mul(s_, beta3).add_(g_sl, alpha=c_s).abs_().sum())
     chk = torch.zeros((), dtype=acc, device=dev)
     nonempty = [g for g in grads if g.numel()]  # the inf-norm of an empty tensor is an error
-    if slice_p > 1 and nonempty:  # entries outside the slice: max |g| is NaN/inf iff one is
+    if nonempty:  # bounds the outputs; NaN/inf iff a gradient entry is (slices miss some)
         for (gs,), _ in group_by_device_dtype(nonempty).values():
-            chk = chk + torch.stack(tc.foreach_norm(gs, ord=math.inf)).to(dev, acc).sum()
+            chk = chk + torch.stack(tc.foreach_norm(gs, ord=math.inf)).to(dev, acc).max()
     return (torch.stack([t.to(dev, acc) for t in dots]),
             torch.stack([t.to(dev, acc) for t in l1s]), chk)
 
@@ -858,8 +1319,8 @@ def prodigy_stats_fast(
     flush()
     chk = torch.zeros((), dtype=acc, device=dev)
     nonempty = [g for g in grads if g.numel()]
-    if slice_p > 1 and nonempty:  # entries outside the slice: max |g| is NaN/inf iff one is
-        chk = torch.stack(tc.foreach_norm(nonempty, ord=math.inf)).to(acc).sum()
+    if nonempty:  # bounds the outputs; NaN/inf iff a gradient entry is (slices miss some)
+        chk = torch.stack(tc.foreach_norm(nonempty, ord=math.inf)).to(acc).max()
     if not dots:
         zero = torch.zeros(1, dtype=acc, device=dev)
         return zero, zero, chk
@@ -947,12 +1408,14 @@ def _pieces(numels: list[int], cap: int) -> list[list[tuple[int, int, int]]]:
 
 # ------------------------------------------------------------------- compile=True kernels
 def _stats_kernel(p: Tensor, g: Tensor, s: Tensor, p0: Tensor, hp: Tensor) -> Tensor:
-    """Phase 1 of one 1-D tensor in one read of ``p, g, s, p0``: ``[<g, p0 - p>, ||s'||_1]``
-    with ``g <- g + coupled_wd * p`` and ``s' = beta3 s + c_s g``; ``hp = [beta3, c_s,
-    coupled_wd]``. Nothing is written (s' is written in phase 2)."""
+    """Phase 1 of one 1-D tensor in one read of ``p, g, s, p0``: ``[<g, p0 - p>, ||s'||_1,
+    max |g|]`` with ``g <- g + coupled_wd * p`` (max |g| before) and ``s' = beta3 s + c_s g``;
+    ``hp = [beta3, c_s, coupled_wd]``. Nothing is written (s' is written in phase 2)."""
     beta3, c_s, wd = hp.unbind(0)
+    gmax = torch.max(torch.abs(g))
     g = g + wd * p  # wd = 0 adds exactly 0
-    return torch.stack([torch.sum(g * (p0 - p)), torch.sum(torch.abs(beta3 * s + c_s * g))])
+    return torch.stack([torch.sum(g * (p0 - p)), torch.sum(torch.abs(beta3 * s + c_s * g)),
+                        gmax])
 
 
 def _apply_math(p: Tensor, g: Tensor, s: Tensor, m: Tensor | None, v: Tensor,
@@ -987,8 +1450,8 @@ def prodigy_stats_compiled(
     params: list[Tensor], grads: list[Tensor], s: list[Tensor], p0: list[Tensor], *,
     slice_p: int, beta3: float, c_s: float, coupled_wd: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Phase 1 with ``compile=True`` (slice_p 1): per tensor ``(dots, l1s)`` as tensors, and a
-    zero probe (every gradient entry is in the sums, so a NaN/inf shows there)."""
+    """Phase 1 with ``compile=True`` (slice_p 1): per tensor ``(dots, l1s)`` as tensors, and
+    max |g| over the tensors (the bound of the output checks)."""
     k = _compiled.kernel(_stats_kernel)
     out = []
     for p, g, s_, q in zip(params, grads, s, p0):
@@ -1002,13 +1465,13 @@ def prodigy_stats_compiled(
         else:  # tiny or broadcast p0: the reference's two sums, eagerly
             gg = g.reshape(-1) + coupled_wd * p.reshape(-1)
             out.append(torch.stack([torch.dot(gg, q.reshape(-1) - p.reshape(-1)),
-                                    (beta3 * s_ + c_s * gg).abs().sum()]))
+                                    (beta3 * s_ + c_s * gg).abs().sum(), g.abs().max()]))
     acc = _acc_dtype(params[0].device)
     zero = torch.zeros((), dtype=acc, device=params[0].device)
     if not out:
         return zero.reshape(1), zero.reshape(1), zero
     both = torch.stack(out).to(acc)
-    return both[:, 0], both[:, 1], zero
+    return both[:, 0], both[:, 1], both[:, 2].max()
 
 
 def prodigy_apply_compiled(
@@ -1073,7 +1536,7 @@ def _locate_nonfinite(groups: list[dict[str, Any]], active: list[GroupWork],
 def _bias_correction(group: dict[str, Any], k: int) -> float:
     if not group["use_bias_correction"]:
         return 1.0
-    beta1, beta2 = group["betas"]
+    beta1, beta2 = (float(b) for b in group["betas"])
     return ((1 - beta2 ** (k + 1)) ** 0.5) / (1 - beta1 ** (k + 1))
 
 
