@@ -90,10 +90,16 @@ for _name in SHARED:
          "an infinite penalty gives inf/NaN parameters"),
     ]
 for _name in ("Adagrad", "Adam", "AdamW", "RAdam", "RMSprop", "Adadelta"):
-    REFUSES_MORE.append(
+    REFUSES_MORE += [
         (_name, dict(eps=0.0), "eps",
          "eps is in a denominator that is 0 for a coordinate whose gradients were all 0 "
-         "(0/0 = NaN); Adadelta's step is also stuck at 0 with eps=0"))
+         "(0/0 = NaN); Adadelta's step is also stuck at 0 with eps=0"),
+        (_name, dict(eps=1e-300), "eps",
+         "below float32's smallest normal number eps rounds to 0 in float32 arithmetic: 0/0"),
+    ]
+for _name in ("Adam", "AdamW", "RAdam"):
+    REFUSES_MORE.append((_name, dict(betas=torch.tensor([0.9, 0.99])), "betas",
+                         "betas are a tuple (or list) of two values, not one 2-element tensor"))
 REFUSES_MORE += [
     ("SGD", dict(momentum=1.5), "momentum", "momentum >= 1 makes the buffer grow without bound"),
     ("SGD", dict(momentum=0.9, dampening=-1.0), "dampening", "dampening outside [0, 1]"),
