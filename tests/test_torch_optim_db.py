@@ -246,6 +246,8 @@ def _assert_close(a: Any, b: Any, where: str, *, as_numbers: bool = False) -> No
     a number holding the same value agree (hyperparameters given in another form)."""
     if as_numbers and not isinstance(a, (list, tuple, bool, type(None))):
         if isinstance(a, (int, float, torch.Tensor)) and isinstance(b, (int, float, torch.Tensor)):
+            if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+                assert a.shape == b.shape, f"{where}: shape {tuple(a.shape)} vs torch's {tuple(b.shape)}"
             assert float(a) == float(b), f"{where}: {a!r} vs torch's {b!r}"
             return
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):

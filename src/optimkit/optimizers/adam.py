@@ -111,8 +111,8 @@ class Adam(LowPrecisionStateMixin, OptimizerBase):
         # On the optimizer, not in the groups: torch.optim.Adam's group keys stay exactly its own.
         self._setup_state_dtype(state_dtype)
         defaults = dict(
-            lr=lr, betas=_as_tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-            maximize=maximize, foreach=foreach, capturable=capturable,
+            lr=lr, betas=_as_tuple(betas, squeeze=True), eps=eps, weight_decay=weight_decay,
+            amsgrad=amsgrad, maximize=maximize, foreach=foreach, capturable=capturable,
             differentiable=differentiable, fused=fused,
             decoupled_weight_decay=decoupled_weight_decay,
         )
@@ -291,9 +291,15 @@ class AdamW(Adam):
 
 
 # ------------------------------------------------------------------------------- helpers
-def _as_tuple(betas: Any) -> Any:
+def _as_tuple(betas: Any, *, squeeze: bool = False) -> Any:
     # torch stores betas as a tuple; anything else is left for _validate_group to reject.
-    return tuple(betas) if isinstance(betas, (tuple, list)) else betas
+    # squeeze: a tensor beta becomes 0-dim, as torch.optim.Adam stores it (so a state_dict
+    # loads into torch.optim.Adam, whose step cannot broadcast a [[0.9]] beta).
+    if not isinstance(betas, (tuple, list)):
+        return betas
+    if squeeze:
+        return tuple(b.squeeze() if isinstance(b, Tensor) and b.dim() != 0 else b for b in betas)
+    return tuple(betas)
 
 
 def advance_steps(steps: list[Tensor]) -> list[float]:
