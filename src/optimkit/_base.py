@@ -351,13 +351,13 @@ class OptimizerBase(torch.optim.Optimizer):
         inside = {id(p) for b in self._buckets.get(gi, ()) for p in b.members}
         return [(i, p) for i, p in enumerate(self.param_groups[gi]["params"]) if id(p) not in inside]
 
-    def _drop_broken(self, gi: int) -> bool:
+    def _drop_broken(self, gi: int, grads: bool = False) -> bool:
         """Dissolve, for good and with a warning, group ``gi``'s buckets whose members no longer
         live in the flat buffers (``p.data = ...``, ``model.to(...)``). Members keep their state;
         one whose view received no gradient since ``zero_grad()`` gets ``p.grad = None``, which
         is what it would have without ``flat``."""
         buckets = self._buckets.get(gi, [])
-        broken = [b for b in buckets if not b.intact()]
+        broken = [b for b in buckets if not b.intact(grads=grads)]
         for b in broken:
             for i in b.absent():
                 p = b.members[i]
@@ -420,7 +420,7 @@ class OptimizerBase(torch.optim.Optimizer):
         if not self._buckets:
             return super().zero_grad(set_to_none)
         for gi in list(self._buckets):
-            self._drop_broken(gi)  # their gradients are no longer views: zeroed as plain ones
+            self._drop_broken(gi, grads=True)  # gradients no longer views: zeroed as plain ones
         members = set()
         for buckets in self._buckets.values():
             for b in buckets:

@@ -34,6 +34,7 @@ Everything else falls back to the per-tensor path, never to different math:
 
 from __future__ import annotations
 
+import operator
 import warnings
 import weakref
 from typing import TYPE_CHECKING, Any
@@ -203,8 +204,10 @@ class FlatBucket:
                     b.got_grad[i] = True
             return hook
 
+        # (a member frozen with requires_grad=False takes no hook; if it is unfrozen, the
+        # gradient it then gets is seen as a replaced .grad or as a non-zero view)
         self._hooks = [p.register_post_accumulate_grad_hook(arrived(i))
-                       for i, p in enumerate(members)]
+                       for i, p in enumerate(members) if p.requires_grad]
         step = n if whole else CHUNK_NUMEL
         spans = [(a, min(a + step, n)) for a in range(0, n, step)]
         self.spans = spans
@@ -223,11 +226,13 @@ class FlatBucket:
         return [flat[o : o + k].view(s) for o, k, s in zip(self.offsets, self.numels, shapes)]
 
     # ------------------------------------------------------------------ per-step checks
-    def intact(self) -> bool:
-        """The members still live in the flat buffers: nobody replaced ``p.data`` (or, through
-        ``model.to(...)``, the ``.data`` of a gradient view)."""
-        return (list(map(Tensor.data_ptr, self.members)) == self.ptrs
-                and list(map(Tensor.data_ptr, self.grad_views)) == self.gptrs)
+    def intact(self, grads: bool = False) -> bool:
+        """The members still live in the flat buffer: nobody replaced ``p.data``. With
+        ``grads``, also the gradient views (``model.to(...)`` swaps the ``.data`` of each
+        ``p.grad``; checked by ``zero_grad``, off the step's hot path)."""
+        if list(map(Tensor.data_ptr, self.members)) != self.ptrs:
+            return False
+        return not grads or list(map(Tensor.data_ptr, self.grad_views)) == self.gptrs
 
     def close(self) -> None:
         """Stop listening for gradients (the bucket is dissolved or replaced)."""
@@ -239,9 +244,11 @@ class FlatBucket:
         """Members that count as having no gradient this step: ``p.grad is None``, or their
         gradient view received nothing since ``zero_grad()`` (no backward reached them, and
         it holds only the zeros zero_grad wrote; a value written into it by hand counts)."""
-        out = [i for i, p in enumerate(self.members) if p.grad is None]
+        if all(self.got_grad):  # the usual case: backward reached every member
+            return []
         quiet = [i for i, (p, v, got) in enumerate(zip(self.members, self.grad_views, self.got_grad))
                  if not got and p.grad is v]
+        out = []
         if quiet:
             written = torch.stack([self.grad_views[i].any() for i in quiet]).tolist()
             for i, w in zip(quiet, written):
@@ -249,7 +256,7 @@ class FlatBucket:
                     self.got_grad[i] = True
                 else:
                     out.append(i)
-        return sorted(out)
+        return out
 
     def plan(self, absent: list[int]) -> list[int] | None:
         """Indices of members whose gradient must be copied in; ``None`` if the bucket cannot
@@ -258,14 +265,14 @@ class FlatBucket:
         if not self.synced or absent:
             return None
         views = self.grad_views
-        if all(p.grad is v for p, v in zip(self.members, views)):
+        if all(map(operator.is_, map(_grad_of, self.members), views)):
             return []
         repair = []
         for i, (p, v) in enumerate(zip(self.members, views)):
             g = p.grad
             if g is v:
                 continue
-            if g.is_sparse or g.shape != v.shape or g.device != v.device:
+            if g is None or g.is_sparse or g.shape != v.shape or g.device != v.device:
                 return None
             repair.append(i)
         return repair
@@ -436,6 +443,9 @@ class FlatBucket:
                 p.grad = None
             elif p.grad is not v:
                 p.grad = v
+
+
+_grad_of = operator.attrgetter("grad")
 
 
 def _counter_keys(opt: OptimizerBase, group: dict[str, Any], p: Tensor) -> set[str]:
