@@ -44,7 +44,9 @@ with warnings.catch_warnings():
 if not _flags_were_frozen and torch.backends.flags_frozen():
     # torch's common_utils freezes the global backend flags on import (for its own suites);
     # undo that so the other test modules of this session see torch as they normally would.
-    torch.backends.__allow_nonbracketed_mutation_flag = True  # type: ignore[attr-defined]
+    # (torch.backends is a module wrapper: the flag lives in its functions' globals)
+    torch.backends.flags_frozen.__globals__["__allow_nonbracketed_mutation_flag"] = True
+    assert not torch.backends.flags_frozen()
 
 #: optimizers optimkit shares with torch.optim (matched on ``info.optim_cls.__name__``)
 SHARED = ("Adadelta", "Adagrad", "Adam", "AdamW", "RAdam", "RMSprop", "SGD")
