@@ -285,3 +285,25 @@ def test_prodigy_state_dict_is_refused_by_another_optimizer(name):
     with pytest.raises(ValueError, match="another optimizer"):
         opt.load_state_dict(prod.state_dict())
     _assert_unchanged(opt, before)
+
+
+# ------------------------------------------------------------------------------ step()
+@pytest.mark.parametrize("variant", ["plain", "flat"])
+@pytest.mark.parametrize("bad", [("lr", -1.0), ("lr", float("nan")), ("lr", "0.1"),
+                                 ("weight_decay", float("inf"))], ids=str)
+@pytest.mark.parametrize("name", list(MAKERS))
+def test_group_value_changed_after_construction_is_checked_at_step(name, bad, variant):
+    """A scheduler or the user may write into param_groups; a value the constructor would
+    refuse is refused by step() before anything changes (torch.optim would train on it)."""
+    model = _model()
+    opt = _build(name, variant, model.parameters())
+    _train(model, opt, 2)
+    key, value = bad
+    opt.param_groups[0][key] = value
+    g = torch.Generator().manual_seed(3)
+    opt.zero_grad()
+    model(torch.randn(16, 6, generator=g, dtype=torch.float64)).pow(2).mean().backward()
+    before = _snapshot(opt)
+    with pytest.raises((ValueError, TypeError), match=f"{key}.*param group 0"):
+        opt.step()
+    _assert_unchanged(opt, before)

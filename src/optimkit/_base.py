@@ -383,7 +383,13 @@ class OptimizerBase(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # Everything that can fail is checked for every group before any state is touched.
+        # Everything that can fail is checked for every group before any state is touched,
+        # hyperparameters included: a scheduler or the user may have changed them since.
+        for gi, g in enumerate(self.param_groups):
+            try:
+                self._validate_group(g)
+            except ValueError as e:
+                raise type(e)(f"{e} (param group {gi}, at step(); nothing was changed)") from None
         works = [self._gather(gi, g) for gi, g in enumerate(self.param_groups)]
         for work in works:
             n_plain = len(work.params) - sum(len(b.chunk_p) for b, _ in work.buckets)
