@@ -16,8 +16,8 @@ Scenarios (each over a list of optimizer case names):
 ``ddp_flat``    the same with ``flat=True``.
 ``zero``        DDP + ``ZeroRedundancyOptimizer(optimizer_class=optimkit.X)``; Prodigy gets
                 ``fsdp_in_use=True`` so its d statistics are all-reduced over the shards.
-``zero_noreduce`` Prodigy under ZeRO *without* ``fsdp_in_use``: records per-rank d (shows the
-                reduction is needed: the ranks' d disagree).
+``zero_noreduce`` Prodigy under ZeRO *without* ``fsdp_in_use``: records per-rank d and the
+                warnings (Prodigy detects the sharding at the first step, warns, and reduces).
 ``zero_ckpt``   ZeRO run interrupted at ``HALF``: ``consolidate_state_dict`` + ``torch.save`` on
                 rank 0, a fresh model/optimizer on every rank loads it and finishes the run.
 ``zero_nograd`` ZeRO where every parameter owned by rank 1 gets no gradient for a few steps
@@ -34,6 +34,7 @@ import os
 import socket
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Iterable
 from datetime import timedelta
 from typing import Any
@@ -229,7 +230,10 @@ def run_scenario(scenario: str, name: str, data: dict, rank: int, world: int, tm
         ddp = _ddp(model)
         zero = _zero(ddp.parameters(), name, reduce=scenario == "zero")
         steps = STEPS if scenario == "zero" else 10
-        out["d"] = train(ddp, zero, data, 0, steps, rank, world)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out["d"] = train(ddp, zero, data, 0, steps, rank, world)
+        out["warnings"] = [str(w.message) for w in caught if "fsdp_in_use" in str(w.message)]
         out["params"] = params_of(model)
         out["state"] = state_of(zero, model)
         out.update(_zero_info(zero))

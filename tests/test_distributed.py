@@ -175,11 +175,14 @@ def test_zero_matches_single_process(job, reference, name):
 
 
 @pytest.mark.parametrize("name", PRODIGY)
-def test_zero_prodigy_without_reduction_disagrees(job, name):
-    """Control for the test above: without fsdp_in_use each rank estimates d from its own
-    shard only, and the ranks' d differ. So the agreement above is the all-reduce's doing."""
+def test_zero_prodigy_without_fsdp_in_use_is_detected_and_reduced(job, name):
+    """Without fsdp_in_use each rank would estimate d from its own shard only; Prodigy sees at
+    the first step that the ranks hold different parameters, warns, and all-reduces: the same
+    d as with the flag (two ranks sum in one order), never silently per rank."""
     r0, r1 = outcome(job, "zero_noreduce", name)
-    assert r0["d"] and r0["d"] != r1["d"], "per-shard d estimates should differ between ranks"
+    flagged = outcome(job, "zero", name)[0]["d"]
+    assert r0["d"] == r1["d"] == flagged[:len(r0["d"])]
+    assert len(r0["warnings"]) == len(r1["warnings"]) == 1
 
 
 @pytest.mark.parametrize("name", STATEFUL)

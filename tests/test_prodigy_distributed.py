@@ -275,3 +275,307 @@ def test_dcp_checkpoint_resumes_exactly_with_uneven_shards(results, slice_p):
     if slice_p == 3:  # 21 and 14 local elements: slices of 7 and 5, padded to one width of 7
         assert local_s[0][0]["s"].shape == local_s[1][0]["s"].shape == (1, 7)
         assert local_s[1][0]["s"][0, 5:].eq(0).all() and local_s[1][0]["p0"][0, 5:].eq(0).all()
+
+
+# ==================================================================== faults across ranks
+# A second 2-rank job: inputs on one rank that must not leave the other waiting in Prodigy's
+# collective, empty shards, and sharding that was not declared. Collectives time out after
+# PG_TIMEOUT_S, so a rank left waiting fails its scenario quickly instead of hanging the job.
+PG_TIMEOUT_S = 10
+FAULT_STEPS = 6
+
+
+def _fault_problem():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(32, 16, generator=g)
+    lin = torch.nn.Linear(16, 4)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(4, 16, generator=g) * 0.3)
+        lin.bias.copy_(torch.randn(4, generator=g) * 0.3)
+    return lin, x
+
+
+def _fault_groups(model):
+    # optimkit.param_groups' layout: decayed weights, then biases (one tensor: ZeRO gives
+    # rank 1 an empty share of the first group and rank 0 none of the second)
+    return [{"params": [model.weight], "weight_decay": 0.01}, {"params": [model.bias],
+                                                              "weight_decay": 0.0}]
+
+
+def _fault_step(model, opt, x, t):
+    opt.zero_grad()
+    (model(x[(t % 2) * 16:(t % 2) * 16 + 16]) ** 2).mean().backward()
+    opt.step()
+
+
+def fault_single(steps: int = FAULT_STEPS, **kw) -> tuple[list[torch.Tensor], list[float]]:
+    model, x = _fault_problem()
+    opt = optimkit.Prodigy(_fault_groups(model), **kw)
+    ds = []
+    for t in range(steps):
+        _fault_step(model, opt, x, t)
+        ds.append(opt.param_groups[0]["d"])
+    return [p.detach().clone() for p in model.parameters()], ds
+
+
+def _snapshot(opt, params) -> list:
+    state = [{k: (v.clone() if isinstance(v, torch.Tensor) else v)
+              for k, v in opt.state[p].items()} for p in params if p in opt.state]
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    return [[p.detach().clone() for p in params], state, groups]
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def _count_collectives(counter: dict) -> None:
+    for name in ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast"):
+        orig = getattr(dist, name)
+
+        def wrapped(*a, _orig=orig, _name=name, **k):
+            counter[_name] = counter.get(_name, 0) + 1
+            return _orig(*a, **k)
+
+        setattr(dist, name, wrapped)
+
+
+def _zero(groups, **kw):
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    return ZeroRedundancyOptimizer(groups, optimizer_class=optimkit.Prodigy, **kw)
+
+
+def _failing_step(opt, params, breaks) -> dict:
+    """Break this rank's inputs (or not), step, and report what happened."""
+    before = _snapshot(opt, params)
+    breaks()
+    t0 = time.monotonic()
+    err = None
+    try:
+        opt.step()
+    except Exception as e:  # noqa: BLE001 - the type and message are the result
+        err = (type(e).__name__, str(e))
+    return {"error": err, "seconds": time.monotonic() - t0,
+            "unchanged": _same(before, _snapshot(opt, params))}
+
+
+def _fault_scenarios(rank: int) -> dict:
+    import warnings
+
+    out: dict[str, object] = {}
+
+    # -- ZeRO over two param groups with fsdp_in_use: rank 1's share of group 0 is empty
+    model, x = _fault_problem()
+    opt = _zero(_fault_groups(model), fsdp_in_use=True)
+    ds = []
+    for t in range(FAULT_STEPS):
+        _fault_step(model, opt, x, t)
+        ds.append(opt.param_groups[0]["d"])
+    local = [len(g["params"]) for g in opt.optim.param_groups]
+    out["zero_flag"] = {"d": ds, "params": [p.detach().clone() for p in model.parameters()],
+                        "local": local}
+
+    # -- the same without fsdp_in_use: detected at the first step (with a warning) and reduced
+    model, x = _fault_problem()
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        opt = _zero(_fault_groups(model))
+        ds = []
+        for t in range(FAULT_STEPS):
+            _fault_step(model, opt, x, t)
+            ds.append(opt.param_groups[0]["d"])
+    out["zero_noflag"] = {"d": ds, "params": [p.detach().clone() for p in model.parameters()],
+                          "warnings": [str(m.message) for m in w if "Prodigy" in str(m.message)]}
+
+    # -- data parallel (every rank holds every parameter), no flag: one collective, once
+    model, x = _fault_problem()
+    opt = optimkit.Prodigy(_fault_groups(model))
+    counter: dict[str, int] = {}
+    orig = {n: getattr(dist, n) for n in ("all_reduce", "all_gather", "all_gather_into_tensor",
+                                          "broadcast")}
+    _count_collectives(counter)
+    calls, ds = [], []
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        try:
+            for t in range(FAULT_STEPS):
+                before = sum(counter.values())
+                _fault_step(model, opt, x, t)
+                calls.append(sum(counter.values()) - before)
+                ds.append(opt.param_groups[0]["d"])
+        finally:
+            for n, f in orig.items():
+                setattr(dist, n, f)
+    out["replicated"] = {"d": ds, "calls": calls, "params": [p.detach().clone() for p in
+                                                              model.parameters()],
+                         "warnings": [str(m.message) for m in w if "Prodigy" in str(m.message)]}
+
+    # -- every group empty on rank 1 (a ZeRO shard with nothing): it still joins
+    model, x = _fault_problem()
+    groups = _fault_groups(model) if rank == 0 else [{"params": []}, {"params": []}]
+    opt = optimkit.Prodigy(groups, fsdp_in_use=True)
+    ds = []
+    for t in range(FAULT_STEPS):
+        if rank == 0:
+            _fault_step(model, opt, x, t)
+        else:
+            opt.step()
+        ds.append(opt.param_groups[0]["d"])
+    out["all_empty"] = {"d": ds, "params": [p.detach().clone() for p in model.parameters()]}
+
+    # -- one rank's step raises before the collective: every rank raises, nothing changes,
+    # and both continue together afterwards. In each mode: declared sharding (reduce) and
+    # the first step of an undeclared one (check).
+    for name, kw in (("fail_reduce", dict(fsdp_in_use=True)), ("fail_check", {})):
+        model, x = _fault_problem()
+        opt = optimkit.Prodigy(_fault_groups(model), **kw)
+        if kw:
+            for t in range(2):
+                _fault_step(model, opt, x, t)
+        opt.zero_grad()
+        (model(x) ** 2).mean().backward()
+
+        def sparse(model=model):
+            if rank == 1:
+                model.bias.grad = model.bias.grad.to_sparse()
+
+        res = _failing_step(opt, list(model.parameters()), sparse)
+        ds = []
+        for t in range(3):
+            _fault_step(model, opt, x, t)
+            ds.append(opt.param_groups[0]["d"])
+        res["d_after"] = ds
+        out[name] = res
+
+    # -- a non-finite gradient, an output that would overflow, or a d*eps that underflows
+    # only where rank 0 computes in float32: decided from all-reduced values, on every rank
+    def nan(model):
+        if rank == 0:
+            model.weight.grad[0, 0] = float("nan")
+
+    def huge(model):
+        if rank == 1:
+            model.weight.grad[0, 0] = 1e35
+
+    for name, breaks, kw, dtype in (
+            ("nonfinite", nan, {}, torch.float32),
+            ("overflow", huge, {}, torch.float32),
+            ("underflow", lambda m: None, dict(d0=1e-40),
+             torch.float32 if rank == 0 else torch.float64)):
+        model, x = _fault_problem()
+        model.to(dtype)
+        opt = optimkit.Prodigy(_fault_groups(model), fsdp_in_use=True, **kw)
+        if name != "underflow":
+            for t in range(2):
+                opt.zero_grad()
+                (model(x.to(dtype)) ** 2).mean().backward()
+                opt.step()
+        opt.zero_grad()
+        (model(x.to(dtype)) ** 2).mean().backward()
+        out[name] = _failing_step(opt, list(model.parameters()), lambda m=model: breaks(m))
+    return out
+
+
+def _fault_worker(rank: int, port: int, outdir: str) -> None:
+    from datetime import timedelta
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=2, timeout=timedelta(seconds=PG_TIMEOUT_S))
+    try:
+        torch.save(_fault_scenarios(rank), os.path.join(outdir, f"faults{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def faults(tmp_path_factory):
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    outdir = str(tmp_path_factory.mktemp("prodigy_faults"))
+    ctx = mp.start_processes(_fault_worker, args=(_free_port(), outdir), nprocs=2, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + 90
+    try:
+        while not ctx.join(timeout=2):
+            if time.monotonic() > deadline:
+                pytest.fail("the 2-rank fault job did not finish in 90 s (a rank hung?)")
+    finally:
+        for proc in ctx.processes:  # only the two processes this fixture started
+            if proc.is_alive():
+                proc.kill()
+    return [torch.load(os.path.join(outdir, f"faults{r}.pt"), weights_only=False)
+            for r in range(2)]
+
+
+def test_zero_with_an_empty_share_of_group_0_steps_on_every_rank(faults):
+    want_params, want_d = fault_single()
+    r0, r1 = faults[0]["zero_flag"], faults[1]["zero_flag"]
+    assert r0["local"] == [1, 0] or r1["local"] == [0, 1]  # the empty share is real
+    assert r0["d"] == r1["d"]
+    assert r0["d"] == pytest.approx(want_d, rel=1e-6) and want_d[-1] > 1e-6
+    for a, b, w in zip(r0["params"], r1["params"], want_params):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, w, rtol=1e-5, atol=1e-7)
+
+
+def test_zero_without_fsdp_in_use_is_detected_and_reduced(faults):
+    """ZeroRedundancyOptimizer without fsdp_in_use: every rank warns once and uses the d of
+    the whole model, the same as with the flag."""
+    flag = faults[0]["zero_flag"]
+    for rank in range(2):
+        r = faults[rank]["zero_noflag"]
+        assert len(r["warnings"]) == 1 and "fsdp_in_use=True" in r["warnings"][0]
+        assert r["d"] == flag["d"]
+        for a, b in zip(r["params"], flag["params"]):
+            assert torch.equal(a, b)
+
+
+def test_data_parallel_without_flag_communicates_once_and_never_warns(faults):
+    want_params, want_d = fault_single()
+    for rank in range(2):
+        r = faults[rank]["replicated"]
+        assert r["calls"] == [1] + [0] * (FAULT_STEPS - 1)  # the first step's check only
+        assert r["warnings"] == []
+        assert r["d"] == want_d  # local sums, exactly the single-process values
+        for a, w in zip(r["params"], want_params):
+            assert torch.equal(a, w)
+
+
+def test_rank_with_every_group_empty_joins_the_reduction(faults):
+    want_params, want_d = fault_single()
+    r0, r1 = faults[0]["all_empty"], faults[1]["all_empty"]
+    assert r0["d"] == r1["d"] == pytest.approx(want_d, rel=1e-12)
+    for a, w in zip(r0["params"], want_params):
+        torch.testing.assert_close(a, w, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["fail_reduce", "fail_check"])
+def test_a_rank_that_raises_before_the_collective_does_not_strand_the_other(faults, name):
+    r0, r1 = faults[0][name], faults[1][name]
+    assert r1["error"][0] == "RuntimeError" and "sparse" in r1["error"][1]
+    assert r0["error"][0] == "RuntimeError" and "other rank(s) raised" in r0["error"][1]
+    for r in (r0, r1):
+        assert r["seconds"] < PG_TIMEOUT_S / 2  # nobody waited for the collective's timeout
+        assert r["unchanged"]
+    assert r0["d_after"] == r1["d_after"] and r0["d_after"][-1] > 1e-6  # in step again
+
+
+@pytest.mark.parametrize("name,match", [("nonfinite", "non-finite"),
+                                        ("overflow", "exp_avg_sq would overflow"),
+                                        ("underflow", "d \\* eps")])
+def test_step_rejections_are_decided_alike_on_every_rank(faults, name, match):
+    import re
+
+    for rank in range(2):
+        r = faults[rank][name]
+        assert r["error"] is not None and r["error"][0] == "NonFiniteStepError", (rank, r)
+        assert re.search(match, r["error"][1]), r["error"][1]
+        assert r["unchanged"] and r["seconds"] < PG_TIMEOUT_S / 2

@@ -1269,6 +1269,8 @@ def prodigy_stats_fast(
     overhead dominates below ~10^4 elements). Float32 sums in another order than the
     reference: agreement to float32 rounding, not bitwise. A NaN/inf anywhere in ``g``
     (``slice_p == 1``), ``p``, ``p0`` or ``s`` makes a sum non-finite, as in the reference.
+    The probe, max |g|, is taken piece by piece while the piece is in cache (``slice_p ==
+    1``), or over whole gradients (``slice_p > 1``: the slices do not see every entry).
     """
     dev = params[0].device
     acc = _acc_dtype(dev)
@@ -1276,6 +1278,7 @@ def prodigy_stats_fast(
     buf_a, buf_b = scratch[:piece], scratch[piece:2 * piece]
     dots: list[Tensor] = []
     l1s: list[Tensor] = []
+    gmax: list[Tensor] = []
     small: list[int] = []  # indices of a run of small tensors, reduced together
 
     def flush() -> None:
@@ -1283,6 +1286,8 @@ def prodigy_stats_fast(
             return
         p_sl = [params[i].view(-1)[::slice_p] for i in small]
         g_sl = [grads[i].view(-1)[::slice_p] for i in small]
+        if slice_p == 1:
+            gmax.append(torch.stack(tc.foreach_norm(g_sl, ord=math.inf)).max())
         if coupled_wd != 0:
             g_sl = tc.foreach_add(g_sl, p_sl, alpha=coupled_wd)  # new tensors: p.grad untouched
         diffs = tc.foreach_sub([p0[i] for i in small], p_sl)  # a 0-dim (zero) p0 broadcasts
@@ -1312,6 +1317,8 @@ def prodigy_stats_fast(
             hi = min(n, lo + piece)
             pp, gg, ss = p_sl[lo:hi], g_sl[lo:hi], s[i][lo:hi]
             qq = q if q.dim() == 0 else q[lo:hi]  # 0-dim: a zero p0 (broadcasts)
+            if slice_p == 1:
+                gmax.append(torch.linalg.vector_norm(gg, math.inf))
             if coupled_wd != 0:
                 gg = torch.add(gg, pp, alpha=coupled_wd, out=buf_b[:hi - lo])
             dots.append(torch.dot(gg, torch.sub(qq, pp, out=buf_a[:hi - lo])))
@@ -1319,7 +1326,9 @@ def prodigy_stats_fast(
     flush()
     chk = torch.zeros((), dtype=acc, device=dev)
     nonempty = [g for g in grads if g.numel()]
-    if nonempty:  # bounds the outputs; NaN/inf iff a gradient entry is (slices miss some)
+    if gmax:
+        chk = torch.stack(gmax).to(acc).max()
+    elif nonempty and slice_p > 1:  # NaN/inf iff a gradient entry is (slices miss some)
         chk = torch.stack(tc.foreach_norm(nonempty, ord=math.inf)).to(acc).max()
     if not dots:
         zero = torch.zeros(1, dtype=acc, device=dev)
