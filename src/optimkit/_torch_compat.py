@@ -7,7 +7,9 @@ renames one breaks exactly one file, and the optimizer modules read as plain mat
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import types
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -33,11 +35,50 @@ foreach_copy_ = torch._foreach_copy_
 foreach_norm = torch._foreach_norm
 foreach_abs = torch._foreach_abs
 
+# -- code torch.compile must not trace -------------------------------------------------------
+def not_traced(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn``, which ``torch.compile`` never traces: a compiled ``opt.step()`` that reaches it
+    breaks its graph there and runs ``fn`` eagerly, exactly as without compile.
+
+    The one place optimkit keeps code out of dynamo's graphs, for two kinds of code:
+
+    * torch's fused kernels (below). Every optimkit path that runs one (SGD, Adagrad, Adam(W),
+      the mapped steps of RMSprop and RAdam, Prodigy's phase 2) calls it through these names.
+      Traced, they fail: torch 2.13 has no fake (meta) kernel for ``_fused_sgd_`` and
+      ``_fused_adagrad_``, and ``_fused_adam_`` given one step tensor shared by the list or a
+      ``grad_scale`` trips a functionalization assert. torch.optim keeps kernels out of its
+      graphs the same way (``_disable_dynamo_if_unsupported``).
+    * math that branches in Python on this step's host values (RAdam's rectification switches
+      on at ``rho_t > 5``): traced, dynamo specializes on every step counter value, i.e.
+      compiles again at every step.
+
+    Why the fused kernels are not swapped for a traced foreach path under compile (the policy
+    in ``_impl`` is the same compiled or not): the eager kernel computes exactly what it
+    computes without compile (the compiled step matches the eager one bit for bit), it is
+    already single-pass at the bandwidth floor on CPU, and nothing per tensor is traced, so
+    compiling stays cheap. Measured here (1 thread, 16 tensors, 2.1M params; compiled step /
+    eager step / first two compiles): Adam with the kernel outside the graph 5.6 / 4.8 ms /
+    14 + 4.5 s; Adam's foreach path traced 31 ms / 15 + 3 s (its step counters are read on the
+    host inside the bucket loop, so dynamo runs most of that function eagerly, op by op);
+    SGD-momentum 6.8 ms / 10 s outside vs 7.2 ms / 28 s traced (host-sync free, fully
+    compiled, and no faster).
+
+    A Python ``fn`` runs wholly eagerly (``recursive=True``: nothing it calls is compiled,
+    and dynamo does not even look at its frame again at each call; measured on a tiny RAdam
+    foreach step: 2.7 ms compiled with ``recursive=False`` vs 1.0 ms, eager 0.9 ms). A kernel
+    (a builtin) gets the lighter ``recursive=False`` wrapper: its frame is never compiled,
+    which matters when code dynamo already runs eagerly calls it (traced, the wrapper would
+    guard on every float argument, e.g. RAdam's per-step lr: a recompile per step); in eager
+    mode it costs one Python call (~1.5 us; the recursive wrapper ~5 us).
+    """
+    return torch.compiler.disable(fn, recursive=isinstance(fn, types.FunctionType))
+
+
 # -- torch's fused single-pass kernels (CPU and CUDA) ---------------------------------------
-fused_adam_ = torch._fused_adam_
-fused_adamw_ = torch._fused_adamw_
-fused_sgd_ = torch._fused_sgd_
-fused_adagrad_ = torch._fused_adagrad_
+fused_adam_ = not_traced(torch._fused_adam_)
+fused_adamw_ = not_traced(torch._fused_adamw_)
+fused_sgd_ = not_traced(torch._fused_sgd_)
+fused_adagrad_ = not_traced(torch._fused_adagrad_)
 
 #: device types on which torch ships the fused kernels above
 FUSED_DEVICE_TYPES = ("cpu", "cuda")

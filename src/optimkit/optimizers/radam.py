@@ -208,6 +208,7 @@ def radam_foreach(
         )
 
 
+@tc.not_traced  # branches on this step's counters: traced, it would recompile every step
 def _radam_foreach_advanced(
     ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], vs: list[Tensor], ts: list[float], *,
     lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, maximize: bool,
