@@ -467,6 +467,10 @@ theta <- theta - lr * delta""",
             HyperParam("stochastic_rounding", False, "True or False",
                        "Round float16/bfloat16 parameters stochastically (unbiased) when writing "
                        "the float32 result back; no effect on float32/64."),
+            HyperParam("independent_ranks", False, "True or False",
+                       "Each rank of a process group trains its own model: never communicate "
+                       "(by default the first step checks that the ranks hold the same "
+                       "parameters, and all-reduces d's sums when they are shards)."),
             _foreach(),
             _state_dtype("s, exp_avg and exp_avg_sq (p0 keeps float32: d needs p0 - p "
                          "exactly; None is the parameter's dtype, float32 for float16/bfloat16 "

@@ -525,16 +525,18 @@ class Prodigy(LowPrecisionStateMixin, OptimizerBase):
         active = [w for w in works if w.params and float(w.group["lr"]) > 0]
         # per group: (<g_sl, p0 - p_sl>, ||s'||_1, sum of max |g| per tensor)
         pieces: list[tuple[Any, Any, Any]] = []
-        comp = {id(w): self._compiled_applies(w) for w in active}
-        fast = {id(w): not comp[id(w)] and self._fast(w, beta1) for w in active}
+        # keyed by the group (one object for the whole run), not by the GroupWork (new each
+        # step): torch.compile(opt.step) would otherwise guard on its identity and recompile
+        comp = {id(w.group): self._compiled_applies(w) for w in active}
+        fast = {id(w.group): not comp[id(w.group)] and self._fast(w, beta1) for w in active}
         for w in active:
             grp = w.group
-            if comp[id(w)]:
+            if comp[id(w.group)]:
                 pieces.append(prodigy_stats_compiled(
                     w.params, w.grads, [st["s"] for st in w.states],
                     [st["p0"] for st in w.states], **self._s_hp(grp, beta3, d, dlr)))
                 continue
-            if fast[id(w)]:  # plain tensors: no DTensor unwrapping needed
+            if fast[id(w.group)]:  # plain tensors: no DTensor unwrapping needed
                 pieces.append(prodigy_stats_fast(
                     w.params, w.grads, [st["s"] for st in w.states],
                     [st["p0"] for st in w.states], **self._s_hp(grp, beta3, d, dlr),
@@ -600,7 +602,7 @@ class Prodigy(LowPrecisionStateMixin, OptimizerBase):
         for w in works:
             if w.params and float(w.group["lr"]) > 0:
                 self._phase2(w, beta1, beta2, beta3, d, d_new, dlr, update_params=True,
-                             fast=fast.get(id(w), False), compiled=comp.get(id(w), False))
+                             fast=fast.get(id(w.group), False), compiled=comp.get(id(w.group), False))
             for st in w.states:
                 st["step"] += 1
         for g in groups:
