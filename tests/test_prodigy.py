@@ -779,10 +779,6 @@ def _snap(opt, params) -> Any:
     )
 
 
-def _all_params(opt) -> list[torch.Tensor]:
-    return [p for g in opt.param_groups for p in g["params"]]
-
-
 #: the implementations every robustness test runs: the per-tensor reference, the multi-tensor
 #: path (float64), the float32 fast path (fused phase 2), flat buffers, a bfloat16 state
 IMPLS = {

@@ -602,7 +602,8 @@ class Prodigy(LowPrecisionStateMixin, OptimizerBase):
         for w in works:
             if w.params and float(w.group["lr"]) > 0:
                 self._phase2(w, beta1, beta2, beta3, d, d_new, dlr, update_params=True,
-                             fast=fast.get(id(w.group), False), compiled=comp.get(id(w.group), False))
+                             fast=fast.get(id(w.group), False),
+                             compiled=comp.get(id(w.group), False))
             for st in w.states:
                 st["step"] += 1
         for g in groups:
@@ -864,7 +865,8 @@ class Prodigy(LowPrecisionStateMixin, OptimizerBase):
         it: the mode and the frozen-step rule depend only on values every rank shares."""
         try:
             mode = self._dist_mode()
-            if mode not in ("reduce", "check") or max(float(g["lr"]) for g in self.param_groups) == 0:
+            lr = max(float(g["lr"]) for g in self.param_groups)
+            if mode not in ("reduce", "check") or lr == 0:
                 return
             dev = self._main_device()
             acc = _acc_dtype(dev)
@@ -994,7 +996,8 @@ class Prodigy(LowPrecisionStateMixin, OptimizerBase):
         skip (the decision comes from values every rank shares)."""
         self._undo_fresh()
         n = type(self).__name__
-        msg = f"{n}: {problem}; the step was not taken and parameters and optimizer state are unchanged"
+        msg = (f"{n}: {problem}; the step was not taken and parameters and optimizer state are "
+               "unchanged")
         if self.param_groups[0]["nonfinite"] == "raise":
             raise NonFiniteStepError(msg + "; pass nonfinite='skip' to skip such steps instead")
         for g in self.param_groups:
