@@ -128,30 +128,13 @@ DELIBERATE_DIFFERENCES = dict(accepts_more=ACCEPTS_MORE, refuses_more=REFUSES_MO
                               tensor_hyperparameters_in_double=TENSOR_HYPERPARAMETERS_IN_DOUBLE)
 
 
-# Failures whose root is outside this module's reach, each its own exception type so that an
-# xfail names exactly the failure it expects (any other failure still fails the test).
+# Distinct failure types, so a report names which part of the contract broke.
 class EmptyStateEntries(AssertionError):
     """optimkit's state_dict has empty per-parameter entries where torch.optim has none."""
 
 
 class MessageLacksOptimizerName(AssertionError):
     """The message is torch.optim.Optimizer's own, without the optimizer's name."""
-
-
-#: src/optimkit/_base.py: OptimizerBase.step() creates ``self.state[p]`` for every stepped
-#: parameter even when the optimizer keeps no state for it (SGD without momentum), so its
-#: state_dict has ``{0: {}, 1: {}, ...}`` where torch.optim.SGD's ``state`` is empty.
-XFAIL_EMPTY_STATE = pytest.mark.xfail(
-    strict=True, raises=EmptyStateEntries,
-    reason="src/optimkit/_base.py: step() creates an empty state entry per parameter for a "
-           "stateless optimizer (SGD without momentum); torch.optim.SGD's state_dict has none")
-#: src/optimkit/_base.py: parameter-list errors (duplicates, mixing named and unnamed
-#: parameters) are raised by torch.optim.Optimizer.__init__/add_param_group, called from
-#: OptimizerBase without naming the optimizer.
-XFAIL_TORCH_PARAM_MESSAGES = pytest.mark.xfail(
-    strict=True, raises=MessageLacksOptimizerName,
-    reason="src/optimkit/_base.py: duplicate / named-vs-unnamed parameter errors and warnings "
-           "are torch.optim.Optimizer's messages, which do not name the optimizer")
 
 
 # =====================================================================================
@@ -372,9 +355,7 @@ def _configs(info) -> list[tuple[str, OptimizerInput]]:
 
 
 def _config_marks(name: str, cfg: OptimizerInput) -> list[Any]:
-    if name == "SGD" and not cfg.kwargs.get("momentum"):
-        return [XFAIL_EMPTY_STATE]
-    return []
+    return []  # none left: empty state entries and unnamed messages were fixed in _base.py
 
 
 CONFIG_CASES = [
@@ -404,20 +385,10 @@ def test_config_matches_torch(name, cfg, form):
 # =====================================================================================
 # (b) every error input
 # =====================================================================================
-#: the database's inputs whose error comes from torch.optim.Optimizer itself (see
-#: XFAIL_TORCH_PARAM_MESSAGES), by their description
-TORCH_PARAM_ERRORS = (
-    "a param group cannot have duplicate parameters",
-    "duplicate parameters should not occur across param groups either",
-    "all optimizer params should be with/without names",
-    "all optimizer param groups should be with/without names.",
-)
-
 ERROR_CASES = [
     pytest.param(info.optim_cls.__name__, err,
                  id=f"{info.optim_cls.__name__}-{i}-{err.optimizer_error_input.desc}",
-                 marks=[XFAIL_TORCH_PARAM_MESSAGES]
-                 if err.optimizer_error_input.desc in TORCH_PARAM_ERRORS else [])
+                 marks=[])
     for info in INFOS
     for i, err in enumerate(info.optim_error_inputs_func(device="cpu", dtype=torch.float32))
 ]

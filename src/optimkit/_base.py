@@ -19,6 +19,7 @@ buffer, so a step that cannot be taken leaves everything exactly as it was.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -172,13 +173,52 @@ class OptimizerBase(torch.optim.Optimizer):
             )
         _refuse_unsupported(owner, merged)
         self._validate_group(merged)
-        super().add_param_group(param_group)
+        self._check_param_list(plist)
+        with warnings.catch_warnings():
+            # torch's own duplicate warning (ours, naming the optimizer, was just issued)
+            warnings.filterwarnings("ignore", message="optimizer contains a parameter group "
+                                    "with duplicate parameters")
+            super().add_param_group(param_group)
         if self._flat:
             gi = len(self.param_groups) - 1
             self._tied = getattr(self, "_tied", frozenset()) | tied_params(
                 [p for g in self.param_groups for p in g["params"]])
             self._buckets[gi] = build_buckets(self.param_groups[gi]["params"], whole=self._compile,
                                               tied=self._tied)
+
+    def _check_param_list(self, plist: list[Any]) -> None:
+        """torch.optim.Optimizer's checks of a new group's parameters, with messages that name
+        the optimizer: all named or none, none already in another group (``ValueError``), and a
+        warning for a parameter listed twice in the group."""
+        owner = type(self).__name__
+        named = [isinstance(p, tuple) for p in plist]
+        if any(named) and not all(named):
+            raise ValueError(
+                f"{owner}: a param group mixes named parameters ((name, tensor) pairs, e.g. "
+                "model.named_parameters()) and plain tensors; give all of them names or none"
+            )
+        tensors = [p[1] if isinstance(p, tuple) else p for p in plist]
+        if self.param_groups and any(("param_names" in g) != all(named) for g in self.param_groups):
+            if plist:
+                raise ValueError(
+                    f"{owner}: this param group's parameters are {'' if all(named) else 'not '}"
+                    f"named but the existing groups' are {'not ' if all(named) else ''}named; "
+                    "give every group named parameters or none"
+                )
+        ids = [id(t) for t in tensors]
+        if len(set(ids)) != len(ids):
+            warnings.warn(
+                f"{owner}: a param group lists the same parameter more than once; it is stepped "
+                "once per listing (as torch.optim does, which will make this an error: "
+                "github.com/pytorch/pytorch/issues/40967)",
+                UserWarning, stacklevel=4,
+            )
+        existing = {id(p) for g in self.param_groups for p in g["params"]}
+        if existing.intersection(ids):
+            raise ValueError(
+                f"{owner}: some parameters appear in more than one parameter group; each "
+                "parameter may belong to one group only"
+            )
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -394,9 +434,12 @@ class OptimizerBase(torch.optim.Optimizer):
         for work in works:
             n_plain = len(work.params) - sum(len(b.chunk_p) for b, _ in work.buckets)
             for p in work.params[:n_plain]:
-                state = self.state[p]
-                if len(state) == 0:
+                state = self.state.get(p)
+                if not state:
+                    state = {}
                     self._init_state(work.group, p, state)
+                    if state:  # a stateless optimizer (SGD without momentum) keeps no entry,
+                        self.state[p] = state  # as torch.optim's state_dict has none
                 work.states.append(state)
             for b, repair in work.buckets:
                 b.repair(repair)

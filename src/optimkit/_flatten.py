@@ -326,7 +326,8 @@ class FlatBucket:
                     f"({type(v).__name__}); please report this"
                 )
         for p, ms in zip(self.members, member_states):
-            opt.state[p] = ms
+            if ms or p in opt.state:  # stateless (plain SGD): no entries, as in torch.optim
+                opt.state[p] = ms
         self._member_states = member_states  # the same dicts: updated without hashing tensors
 
     def after_step(self, opt: OptimizerBase, group: dict[str, Any]) -> None:
