@@ -375,16 +375,12 @@ class NonFiniteStep(AssertionError):
     """A step with finite gradients gave a non-finite parameter."""
 
 
-@pytest.mark.xfail(
-    strict=True, raises=NonFiniteStep,
-    reason="src/optimkit/optimizers/rmsprop.py (the update math of every path, not its "
-           "validation): centered RMSprop takes sqrt(square_avg - grad_avg^2) of a variance "
-           "that rounding makes slightly negative when the gradient barely varies, giving NaN "
-           "(torch.optim.RMSprop does the same); clamping the variance at 0 fixes it")
 @pytest.mark.parametrize("impl", BY_NAME["RMSprop"].impls)
 @pytest.mark.parametrize("alpha", [0.5, 0.9])
 def test_centered_rmsprop_zero_variance_stays_finite(impl, alpha):
-    """A constant gradient (variance exactly 0): every accepted alpha must stay finite."""
+    """A constant gradient (variance exactly 0): every accepted alpha must stay finite.
+    Rounding makes ``square_avg - grad_avg^2`` slightly negative here; torch.optim.RMSprop
+    takes its square root (NaN); optimkit clamps the variance at 0 (rmsprop.py)."""
     g = torch.Generator().manual_seed(0)
     p = torch.nn.Parameter(torch.randn(1000, generator=g))
     grad = torch.randn(1000, generator=g)

@@ -6,7 +6,7 @@ The math, per parameter :math:`\theta` with gradient :math:`g_t` at step :math:`
     g   <- g + weight_decay * theta            (L2 penalty, coupled)
     v_t = alpha * v_{t-1} + (1 - alpha) * g^2  running mean of squared gradients
     m_t = alpha * m_{t-1} + (1 - alpha) * g    running mean of gradients    (if centered)
-    den = sqrt(v_t - m_t^2) + eps              if centered (variance estimate)
+    den = sqrt(max(v_t - m_t^2, 0)) + eps      if centered (variance estimate)
         = sqrt(v_t) + eps                      otherwise
     b_t = momentum * b_{t-1} + g / den         if momentum > 0
     theta <- theta - lr * b_t                  if momentum > 0
@@ -237,7 +237,9 @@ def rmsprop_reference(
         if grad_avgs is not None:
             m = grad_avgs[i]
             m.lerp_(g, 1 - alpha)  # m_t = alpha m + (1 - alpha) g
-            den = v.addcmul(m, m, value=-1).sqrt_().add_(eps)  # sqrt(v_t - m_t^2) + eps
+            # sqrt(max(v_t - m_t^2, 0)) + eps: rounding can make the variance of a gradient
+            # that barely varies slightly negative (torch.optim.RMSprop then gives NaN)
+            den = v.addcmul(m, m, value=-1).clamp_min_(0).sqrt_().add_(eps)
         else:
             den = v.sqrt().add_(eps)  # sqrt(v_t) + eps
         if bufs is not None:
@@ -274,6 +276,7 @@ def rmsprop_foreach(
         if ms is not None:
             tc.foreach_lerp_(ms, gs, 1 - alpha)  # m_t
             den = tc.foreach_addcmul(vs, ms, ms, value=-1)  # v_t - m_t^2
+            tc.foreach_maximum_(den, 0.0)  # >= 0 (see the reference)
             tc.foreach_sqrt_(den)
         else:
             den = tc.foreach_sqrt(vs)
@@ -368,7 +371,7 @@ def _rmsprop_math(p: Tensor, g: Tensor, v: Tensor, ga: Tensor | None, buf: Tenso
     if ga is not None:
         ga_new = torch.lerp(ga, g, 1 - alpha)
         ga.copy_(ga_new)
-        den = torch.sqrt(v_new - ga_new * ga_new) + eps
+        den = torch.sqrt(torch.clamp_min(v_new - ga_new * ga_new, 0)) + eps
     else:
         den = torch.sqrt(v_new) + eps
     if buf is not None:
