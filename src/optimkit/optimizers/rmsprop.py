@@ -144,9 +144,9 @@ class RMSprop(OptimizerBase):
         g = self.param_groups[-1]
         if getattr(self, "_fused", None) and not _fused_eligible(g):
             warnings.warn(
-                f"{type(self).__name__}: fused=True has no single-pass kernel for centered=True, "
-                f"momentum > 0 or alpha=1 (this group: centered={g['centered']}, "
-                f"momentum={g['momentum']}, alpha={g['alpha']}); it uses the foreach path",
+                f"{type(self).__name__}: fused=True has no single-pass kernel for centered=True "
+                f"or momentum > 0 (this group: centered={g['centered']}, "
+                f"momentum={g['momentum']}); it uses the foreach path",
                 RuntimeWarning, stacklevel=3,
             )
 
@@ -211,8 +211,8 @@ class RMSprop(OptimizerBase):
 
 
 def _fused_eligible(group: dict[str, Any]) -> bool:
-    """Plain RMSprop maps onto the fused Adam kernel; centered / momentum / alpha=1 do not
-    (alpha=1 would make the kernel's second bias correction 1 - 1**t = 0)."""
+    """Plain RMSprop maps onto the fused Adam kernel; centered / momentum do not. (alpha=1,
+    refused by validation, would make the kernel's second bias correction 1 - 1**t = 0.)"""
     return not group["centered"] and group["momentum"] == 0 and float(group["alpha"]) < 1
 
 
