@@ -40,7 +40,7 @@ pytestmark = pytest.mark.slow
 
 #: steps per run; RAdam's rectification switches on at step 6 (a new path: its first compile
 #: there is not a recompile), Lookahead's first synchronisation is at step 5; Prodigy compiles
-#: for tens of seconds per step while it recompiles (see _PRODIGY_RECOMPILES)
+#: for ~10 s per step until its loop is steady
 STEPS = 5
 STEPS_OF = {"radam": 7, "prodigy": 4}
 #: steps after which nothing compiles again (Prodigy: its d_numerator and k leave 0 at step 2,
@@ -158,16 +158,7 @@ def test_compiled_step_matches_eager(name):
     _assert_same(_registry_run(name))
 
 
-_PRODIGY_RECOMPILES = pytest.mark.xfail(
-    strict=True,
-    reason="Prodigy._apply keys dicts by id(GroupWork) (a new object each step), so dynamo "
-           "guards on that object's identity and compiles _apply again at every step; keying "
-           "them by id(w.group) (persistent dicts) makes the loop steady after step 3; "
-           "then drop this mark")
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=_PRODIGY_RECOMPILES) if n == "prodigy"
-                                  else n for n in NAMES])
+@pytest.mark.parametrize("name", NAMES)
 def test_steady_loop_does_not_recompile(name):
     run = _registry_run(name)
     after = STEADY_AFTER_OF.get(name, STEADY_AFTER)
