@@ -926,9 +926,11 @@ def test_every_argument_refuses_bad_values_by_name(arg, probe):
 
 @pytest.mark.parametrize("arg,value", [("lr", -1.0), ("betas", (1.0, 0.9)), ("beta3", 1.0),
                                        ("eps", 0.0), ("weight_decay", -1.0), ("d0", 0.0),
-                                       ("d_coef", 0.0), ("growth_rate", 0.5)])
+                                       ("d_coef", 0.0), ("growth_rate", 0.5), ("slice_p", 0),
+                                       ("slice_p", 2**64)])
 def test_documented_range_is_the_checked_range(arg, value):
-    """The range each error states is the one the docstring documents (eps: 0 < eps < inf)."""
+    """The range each error states is the one the docstring documents (eps: 0 < eps < inf;
+    slice_p: a huge int would overflow inside torch's slicing)."""
     with pytest.raises(ValueError) as e:
         optimkit.Prodigy([torch.nn.Parameter(torch.ones(2))], **{arg: value})
     expected = str(e.value).split("; expected ")[1]

@@ -179,7 +179,8 @@ class Prodigy(LowPrecisionStateMixin, OptimizerBase):
             update every step. Detected automatically for DTensor (FSDP2) and FSDP1 flat
             parameters, and, with a warning, at the first step for ranks that hold different
             parameters (``ZeroRedundancyOptimizer``); see docs/distributed.md.
-        slice_p: compute ``r`` and ``s`` on every ``slice_p``-th element only (``int >= 1``):
+        slice_p: compute ``r`` and ``s`` on every ``slice_p``-th element only (an int, ``1 <=
+            slice_p < 2**63``):
             ``s`` and ``p0`` shrink to ``1/slice_p`` of the parameter; an approximation for
             ``slice_p > 1`` (11 is reasonable).
         strict_growth: bound the first jump from ``d0`` by ``growth_rate`` as well (not in
@@ -287,8 +288,8 @@ class Prodigy(LowPrecisionStateMixin, OptimizerBase):
         check_range(n, "d_coef", g["d_coef"], 0.0, math.inf, lo_open=True, hi_open=True)
         check_range(n, "growth_rate", g["growth_rate"], 1.0)
         sp = g["slice_p"]
-        if isinstance(sp, bool) or not isinstance(sp, int) or sp < 1:
-            fail(n, "slice_p", sp, "an int >= 1")
+        if isinstance(sp, bool) or not isinstance(sp, int) or not 1 <= sp < 2**63:
+            fail(n, "slice_p", sp, "an int, 1 <= slice_p < 2**63")
         for flag in ("decouple", "use_bias_correction", "safeguard_warmup", "fsdp_in_use",
                      "strict_growth", "stochastic_rounding"):
             check_bool(n, flag, g[flag])
