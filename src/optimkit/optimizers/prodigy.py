@@ -289,7 +289,7 @@ class Prodigy(LowPrecisionStateMixin, OptimizerBase):
         check_range(n, "growth_rate", g["growth_rate"], 1.0)
         sp = g["slice_p"]
         if isinstance(sp, bool) or not isinstance(sp, int) or not 1 <= sp < 2**63:
-            fail(n, "slice_p", sp, "an int, 1 <= slice_p < 2**63")
+            fail(n, "slice_p", sp, "an int in 1 <= slice_p < 2**63")
         for flag in ("decouple", "use_bias_correction", "safeguard_warmup", "fsdp_in_use",
                      "strict_growth", "stochastic_rounding"):
             check_bool(n, flag, g[flag])
