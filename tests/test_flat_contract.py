@@ -198,3 +198,46 @@ def test_flattened_model_saves_and_loads_with_safetensors(name, tmp_path):
     assert all(not torch.equal(a, b) for a, b in zip(model.parameters(), before))
     (bucket,) = opt._buckets[0]
     assert torch.equal(bucket.flat_p, torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+
+
+SPARSE_MAKERS = {
+    "SGD": lambda ps, **kw: optimkit.SGD(ps, lr=0.1, momentum=0.9, **kw),
+    "Adagrad": lambda ps, **kw: optimkit.Adagrad(ps, lr=0.1, **kw),
+    "Adam (refuses)": lambda ps, **kw: optimkit.Adam(ps, lr=0.1, **kw),
+    "SGD weight_decay (refuses)": lambda ps, **kw: optimkit.SGD(ps, lr=0.1, weight_decay=0.1, **kw),
+    "Adagrad weight_decay (refuses)": lambda ps, **kw: optimkit.Adagrad(ps, lr=0.1, weight_decay=0.1, **kw),
+}
+
+
+@pytest.mark.parametrize("name", list(SPARSE_MAKERS))
+def test_sparse_gradient_stays_sparse(name):
+    """nn.Embedding(sparse=True) under flat=True: the sparse gradient is not accumulated into
+    the dense flat view (which would make Adam step where it must refuse, and weight decay
+    touch every row); it is stored as without flat, and the step is what flat=False does."""
+    def run(flat: bool):
+        torch.manual_seed(0)
+        emb, lin = nn.Embedding(10, 3, sparse=True), nn.Linear(3, 1)
+        opt = SPARSE_MAKERS[name]([*lin.parameters(), *emb.parameters()], flat=flat)
+        out = []
+        for t in range(4):
+            opt.zero_grad()
+            x = emb(torch.tensor([1, 2, 2, 7 - t])) if t else torch.randn(4, 3)
+            lin(x).sum().backward()  # step 0: the embedding gets no gradient
+            if t:
+                assert emb.weight.grad.is_sparse
+            try:
+                opt.step()
+            except RuntimeError as e:
+                out.append(("raised", str(e).split(":")[0]))
+                break
+            out.append([p.detach().clone() for p in (*lin.parameters(), emb.weight)])
+        return out
+
+    got, want = run(True), run(False)
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        if isinstance(b, tuple):
+            assert a == b
+        else:
+            for x, y in zip(a, b):
+                torch.testing.assert_close(x, y, rtol=0, atol=0)

@@ -198,15 +198,25 @@ class FlatBucket:
         ref = weakref.ref(self)
 
         def arrived(i: int) -> Any:
-            def hook(_: Tensor) -> None:
+            # A tensor hook: it sees each incoming gradient before autograd accumulates it.
+            def hook(grad: Tensor) -> None:
                 b = ref()
-                if b is not None:
-                    b.got_grad[i] = True
+                if b is None:
+                    return
+                if grad.is_sparse and not b.got_grad[i]:
+                    # Accumulated into the dense view, a sparse gradient (nn.Embedding(
+                    # sparse=True)) would turn dense: Adam would then step where it must
+                    # refuse, weight decay would touch every row. Without flat the .grad is
+                    # None here, so autograd stores the sparse gradient itself: same here.
+                    m = b.members[i]
+                    if m.grad is b.grad_views[i]:
+                        m.grad = None
+                b.got_grad[i] = True
             return hook
 
         # (a member frozen with requires_grad=False takes no hook; if it is unfrozen, the
         # gradient it then gets is seen as a replaced .grad or as a non-zero view)
-        self._hooks = [p.register_post_accumulate_grad_hook(arrived(i))
+        self._hooks = [p.register_hook(arrived(i))
                        for i, p in enumerate(members) if p.requires_grad]
         step = n if whole else CHUNK_NUMEL
         spans = [(a, min(a + step, n)) for a in range(0, n, step)]
@@ -388,7 +398,7 @@ class FlatBucket:
                     if len(set(vals)) != 1:
                         return
                     new[key] = vals[0]
-                elif all(isinstance(v, Tensor) for v in vals):
+                elif all(isinstance(v, Tensor) and v.layout == torch.strided for v in vals):
                     parts = []
                     for v, k in zip(vals, self.numels):
                         if v.numel() == k:
