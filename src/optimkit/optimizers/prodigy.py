@@ -465,7 +465,8 @@ class Prodigy(LowPrecisionStateMixin, OptimizerBase):
 
     def _gather(self, gi: int, group: dict[str, Any]) -> GroupWork:
         if gi == 0:  # before any state is created: the whole step is checked first
-            # (each group's values were validated again by the base class's step())
+            for g in self.param_groups:  # values set after construction (a scheduler, a user)
+                self._validate_group(g)
             self._check_groups(self.param_groups)
             if self._independent_ranks and self._has_sharded_params():
                 raise ValueError(
