@@ -291,7 +291,7 @@ class OptimizerBase(torch.optim.Optimizer):
                             self._fused_broken, owner, grads, self._loop_on_cpu)
         if self._compile:
             impl = "compiled"
-        if self._dtypes_moved(gi, group):
+        if self._dtypes_moved(gi, group, per_tensor):
             impl = "reference"
         return GroupWork(group, params, grads, [], impl, flat_work)
 
@@ -309,20 +309,23 @@ class OptimizerBase(torch.optim.Optimizer):
         before anything is written."""
         return False
 
-    def _dtypes_moved(self, gi: int, group: dict[str, Any]) -> bool:
-        """True when some parameter of the group has state in another dtype than it should
-        (the model was moved to another dtype after the optimizer was built): the group then
-        runs the per-tensor reference as torch.optim does, or raises before any write.
+    def _dtypes_moved(self, gi: int, group: dict[str, Any],
+                      params: list[tuple[int, Tensor]]) -> bool:
+        """True when some of ``params`` ((index, parameter) pairs: the group's parameters
+        stepped one by one) has state in another dtype than it should (the model was moved to
+        another dtype after the optimizer was built): the group then runs the per-tensor
+        reference as torch.optim does, or raises before any write. Members of flat buckets need no check: a move
+        replaces their storage, which dissolves the bucket and puts them in ``params``.
 
-        Cheap in the usual case: the full check runs only when the group's parameter dtypes
-        differ from the last step's."""
-        sig = tuple(p.dtype for p in group["params"])
+        Cheap in the usual case: the full check runs only when the parameters' dtypes differ
+        from the last step's."""
+        sig = tuple(p.dtype for _, p in params)
         cache = self.__dict__.setdefault("_dtype_sig", {})
         hit = cache.get(gi)
         if hit is not None and hit[0] == sig:
             return hit[1]
         moved = None
-        for pi, p in enumerate(group["params"]):
+        for pi, p in params:
             st = self.state.get(p)
             if not st:
                 continue
@@ -357,12 +360,11 @@ class OptimizerBase(torch.optim.Optimizer):
         buckets = self._buckets.get(gi)
         if buckets is None:
             return [], list(enumerate(group["params"]))
+        self._drop_broken(gi)  # (forgets the cached outside list when it dissolves any)
         outside = self._outside.get(gi)
         if outside is None:
             outside = self._outside[gi] = self._outside_of(gi)
         out, split = [], []
-        if self._drop_broken(gi):
-            outside = self._outside[gi] = self._outside_of(gi)
         for b in list(buckets):
             b.stepped_alone = False
             absent = b.absent()
