@@ -500,9 +500,10 @@ BUILTIN_TASKS: dict[str, Callable[[bool], Task]] = {
     "docbow": make_docbow,
     "mnist1d": make_mnist1d,
     "fashion": make_fashion,
+    "fortunes": lambda quick=False: importlib.import_module(".tasks_extra", __package__).make_fortunes(quick),
 }
 DEFAULT_SUITE: tuple[str, ...] = ("logreg", "cnn", "charlm", "docbow")
-OPTIONAL_TASKS: tuple[str, ...] = ("mnist1d", "fashion")
+OPTIONAL_TASKS: tuple[str, ...] = ("mnist1d", "fashion", "fortunes")
 
 
 def build_task(spec: str, quick: bool = False) -> Task:
