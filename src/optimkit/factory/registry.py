@@ -32,6 +32,31 @@ class HyperParam:
 
 
 @dataclass(frozen=True)
+class SearchDim:
+    """One tuned hyperparameter of ``optimkit compare --budget``: log-uniform in [low, high]."""
+
+    name: str
+    low: float
+    high: float
+    log: bool = True
+
+    def around(self, center: float) -> "SearchDim":
+        """The same relative range around ``center`` (the user's own value in a spec)."""
+        mid = math.sqrt(self.low * self.high)
+        return SearchDim(self.name, self.low * center / mid, self.high * center / mid, self.log)
+
+
+#: how far ``--budget`` searches the lr of the classics: default / 30 .. default x 30 (three
+#: decades; the best of a 5-point x0.1..x10 grid sat on its edge for 6 of 8 optimizers, so
+#: the range is wider, and compare extends it past an edge once)
+LR_SEARCH_FACTOR = 30.0
+
+
+def _lr_space(default_lr: float) -> tuple[SearchDim, ...]:
+    return (SearchDim("lr", default_lr / LR_SEARCH_FACTOR, default_lr * LR_SEARCH_FACTOR),)
+
+
+@dataclass(frozen=True)
 class OptimizerSpec:
     """Everything optimkit knows about one optimizer."""
 
@@ -50,6 +75,8 @@ class OptimizerSpec:
     default_lr: float | None = None
     needs_lr_tuning: bool = True  # False for Prodigy / Adadelta
     state_buffers: int = 0  # full-size state tensors per parameter (memory cost)
+    # what ``optimkit compare --budget`` searches: each dimension log-uniform in [low, high]
+    search_space: tuple["SearchDim", ...] = ()
 
     def hyperparam(self, name: str) -> HyperParam:
         """The documented hyperparameter ``name`` (``KeyError`` if this optimizer has none)."""
@@ -194,6 +221,7 @@ _SPECS: tuple[OptimizerSpec, ...] = (
                   "ill-conditioned problems (progress along flat directions ~lr * curvature)."),
         aliases=(),
         default_lr=0.1,
+        search_space=_lr_space(0.1),
         needs_lr_tuning=True,
         state_buffers=0,
     ),
@@ -212,6 +240,7 @@ _SPECS: tuple[OptimizerSpec, ...] = (
         aliases=("sgdm", "sgd_momentum"),
         preset={"momentum": 0.9},
         default_lr=0.05,
+        search_space=_lr_space(0.05),
         needs_lr_tuning=True,
         state_buffers=1,
     ),
@@ -228,6 +257,7 @@ _SPECS: tuple[OptimizerSpec, ...] = (
         aliases=("sgdnesterov", "nag"),
         preset={"momentum": 0.9, "nesterov": True},
         default_lr=0.05,
+        search_space=_lr_space(0.05),
         needs_lr_tuning=True,
         state_buffers=1,
     ),
@@ -259,6 +289,7 @@ theta <- theta - clr * g / (sqrt(sum) + eps)""",
                   "training; use RMSprop/Adam there."),
         aliases=(),
         default_lr=1e-2,
+        search_space=_lr_space(1e-2),
         needs_lr_tuning=True,
         state_buffers=1,
     ),
@@ -296,6 +327,7 @@ theta <- theta - lr * g / denom                               otherwise""",
                   "often too high, hence optimkit's default_lr 1e-3."),
         aliases=(),
         default_lr=1e-3,
+        search_space=_lr_space(1e-3),
         needs_lr_tuning=True,
         state_buffers=1,
     ),
@@ -324,6 +356,7 @@ theta <- theta - lr * g / denom                               otherwise""",
                   "weakly and unevenly; use AdamW. Can generalise worse than tuned SGD on vision."),
         aliases=(),
         default_lr=1e-3,
+        search_space=_lr_space(1e-3),
         needs_lr_tuning=True,
         state_buffers=2,
     ),
@@ -350,6 +383,7 @@ theta <- theta - lr * g / denom                               otherwise""",
                   "regularisation too. Decaying norm weights and biases usually hurts."),
         aliases=("adam_w",),
         default_lr=1e-3,
+        search_space=_lr_space(1e-3),
         needs_lr_tuning=True,
         state_buffers=2,
     ),
@@ -384,6 +418,7 @@ else:
                   "lr * m_hat: with large gradients they can be large."),
         aliases=(),
         default_lr=1e-3,
+        search_space=_lr_space(1e-3),
         needs_lr_tuning=True,
         state_buffers=2,
     ),
@@ -416,6 +451,7 @@ theta <- theta - lr * delta""",
                   "hundreds of steps can look stalled; usually ends behind tuned Adam."),
         aliases=(),
         default_lr=1.0,
+        search_space=_lr_space(1.0),
         needs_lr_tuning=False,
         state_buffers=2,
     ),
@@ -497,6 +533,7 @@ theta <- theta - dlr * m / (sqrt(v) + d' * eps)""",
                   "(0 is allowed to freeze). Four full-size buffers: ~2x Adam's state memory."),
         aliases=(),
         default_lr=1.0,
+        search_space=(SearchDim("d_coef", 0.1, 10.0),),  # lr stays 1: it multiplies d
         needs_lr_tuning=False,
         state_buffers=4,
     ),
