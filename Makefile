@@ -14,7 +14,7 @@ $(BIN)/python:
 
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet torch==2.13.0 -e ".[test,data,integration]"
+	$(BIN)/pip install --quiet torch==2.13.0 -e ".[test,data,integration,cluster]"
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -23,6 +23,7 @@ demo: $(STAMP)
 	$(BIN)/optimkit compare
 
 test: $(STAMP)
+	.ci/ensure-postgres
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)

@@ -59,9 +59,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: every registered optimizer at its recommended lr")
     c.add_argument("--steps", type=int, help="steps per run (default: each task's own)")
     c.add_argument("--seeds", type=int, help="seeds per run (default 2; 1 with --quick)")
+    c.add_argument("--budget", type=int, metavar="N",
+                   help="tune: N trials of each optimizer's search space (lr, or Prodigy's d_coef) plus its "
+                        "default; without it: the quick out-of-the-box comparison")
     c.add_argument("--lr-sweep", action="store_true",
-                   help="for optimizers that need lr tuning, also try default lr x {0.1,0.3,1,3,10}")
+                   help="tune on a fixed grid instead: default lr x {0.1,0.3,1,3,10} for optimizers that need lr tuning")
+    c.add_argument("--jobs", type=int, metavar="N",
+                   help="worker processes (default: the number of cores; 1 = in this process; 0 = only plan and "
+                        "wait for --worker processes)")
+    c.add_argument("--storage", metavar="URL",
+                   help="where trials are stored: a database URL (postgresql://user@host/db) shared by workers on "
+                        "several machines, or a journal file (default: OUT/study.journal)")
+    c.add_argument("--study", default="optimkit-compare", metavar="NAME", help="study name in the storage")
+    c.add_argument("--worker", action="store_true",
+                   help="join a running comparison in --storage as a worker (runs trials until it is finished)")
+    c.add_argument("--report-only", action="store_true", help="render the report from the storage; run nothing")
     c.add_argument("--out", default="optimkit-report", help="report folder (default ./optimkit-report)")
+    c.add_argument("--tensorboard", metavar="DIR", help="also write every curve as TensorBoard events to DIR")
+    c.add_argument("--x-axis", choices=["step", "wall"], default="step", help="x axis of the curve plots")
     c.add_argument("--no-report", action="store_true", help="print the tables only, write no files")
     c.add_argument("--json", nargs="?", const="-", metavar="PATH",
                    help="also write the results JSON to PATH ('-' or no value: to stdout, instead of the tables)")
@@ -116,6 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    args.argv = argv
     try:
         return {
             "compare": _compare,
@@ -135,6 +151,30 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 # ----------------------------------------------------------------------------- compare
+def _check_out(out: str) -> Path:
+    """The report folder must be creatable and writable before anything runs (one line, exit 2)."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".optimkit-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"--out {out}: not writable ({e.strerror or type(e).__name__})") from None
+    return path
+
+
+def _cores() -> int:
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
 def _compare(args: argparse.Namespace) -> int:
     from .compare import (
         DEFAULT_SUITE,
@@ -143,16 +183,40 @@ def _compare(args: argparse.Namespace) -> int:
         default_choices,
         parse_optimizer_choice,
         print_report,
+        result_from_storage,
         run_compare,
         write_json,
-        write_report,
     )
-    from .compare.runner import Progress, RichProgress
+    from .compare.runner import Progress, RichProgress, choice_warnings
+    from .compare.study import JOURNAL_FILE, lock_folder
 
     if args.steps is not None and args.steps < 1:
         raise UsageError(f"invalid --steps {args.steps}; expected >= 1")
     if args.seeds is not None and args.seeds < 1:
         raise UsageError(f"invalid --seeds {args.seeds}; expected >= 1")
+    if args.budget is not None and args.budget < 1:
+        raise UsageError(f"invalid --budget {args.budget}; expected >= 1")
+    if args.jobs is not None and args.jobs < 0:
+        raise UsageError(f"invalid --jobs {args.jobs}; expected >= 0")
+    if args.budget and args.lr_sweep:
+        raise UsageError("--budget and --lr-sweep are two ways to tune; give one")
+    to_stdout = args.json == "-"
+    writes = not args.no_report
+    if (writes or args.report_only or args.worker) and not args.storage:
+        out = _check_out(args.out)  # before anything runs: a bad --out fails in a second, not after the run
+        storage = str(out / JOURNAL_FILE)
+    else:
+        if writes:
+            _check_out(args.out)
+        storage = args.storage
+    if args.worker:
+        return _worker(storage, args.study)
+    if args.report_only:
+        if storage and "://" not in storage and not Path(storage).exists():
+            raise UsageError(f"--report-only: no comparison stored in {storage}")
+        result = result_from_storage(storage, args.study)
+        return _finish(args, result, to_stdout, print_report, write_json)
+
     names = _split_list(args.tasks) or []
     names += args.task
     if not names:
@@ -165,14 +229,19 @@ def _compare(args: argparse.Namespace) -> int:
     if len({c.label for c in choices}) != len(choices):
         raise UsageError("an optimizer is named twice")
     device = _device(args.device)
+    for w in choice_warnings(choices):
+        print(f"{_PROG} compare: warning: {w}", file=sys.stderr)
 
-    tasks, unavailable = [], {}
+    tasks, unavailable, task_specs = [], {}, {}
     for n in names:
         try:
-            tasks.append(build_task(n, quick=args.quick))
+            t = build_task(n, quick=args.quick)
         except TaskUnavailable as e:
             unavailable[n] = str(e)
             print(f"skipping task {n}: {e}", file=sys.stderr)
+            continue
+        tasks.append(t)
+        task_specs[t.name] = n
     if not tasks:
         raise UsageError("no task can run (all skipped for missing data)")
     seen: set[str] = set()
@@ -181,24 +250,48 @@ def _compare(args: argparse.Namespace) -> int:
             raise UsageError(f"two tasks are named {t.name!r}")
         seen.add(t.name)
 
-    to_stdout = args.json == "-"
+    lock = lock_folder(Path(args.out)) if storage and "://" not in storage else None
     progress = Progress() if args.no_progress else RichProgress()
-    result = run_compare(
-        tasks,
-        choices,
-        steps=args.steps,
-        seeds=args.seeds or (1 if args.quick else 2),
-        lr_sweep=args.lr_sweep,
-        quick=args.quick,
-        device=device,
-        threads=args.threads or None,
-        progress=progress,
-        unavailable=unavailable,
-    )
+    try:
+        result = run_compare(
+            tasks,
+            choices,
+            steps=args.steps,
+            seeds=args.seeds or (1 if args.quick else 2),
+            lr_sweep=args.lr_sweep,
+            budget=args.budget,
+            quick=args.quick,
+            device=device,
+            threads=args.threads or None,
+            jobs=_cores() if args.jobs is None else args.jobs,
+            storage=storage,
+            study_name=args.study,
+            progress=progress,
+            unavailable=unavailable,
+            task_specs=task_specs,
+            command=[_PROG, "compare", *args.argv[1:]],
+        )
+    finally:
+        if lock is not None:
+            lock.close()
+    return _finish(args, result, to_stdout, print_report, write_json)
+
+
+def _finish(args: argparse.Namespace, result: dict[str, Any], to_stdout: bool, print_report: Any,
+            write_json: Any) -> int:
+    """Print and write the report; exit 1 when a trial failed (0 otherwise)."""
+    import inspect
+
+    from .compare import write_report
+
     if not to_stdout:
         print_report(result)
     if not args.no_report:
-        write_report(result, args.out)
+        extra = {"tensorboard": args.tensorboard, "x_axis": args.x_axis}
+        accepted = inspect.signature(write_report).parameters
+        write_report(result, args.out, **{k: v for k, v in extra.items() if k in accepted})
+        if args.tensorboard and "tensorboard" not in accepted:
+            print(f"{_PROG} compare: warning: this report writer has no TensorBoard output yet", file=sys.stderr)
         where = Path(args.out) / "index.html"
         print(f"report: {where}  (plots, results.json)", file=sys.stderr if to_stdout else sys.stdout)
     if args.json:
@@ -208,6 +301,50 @@ def _compare(args: argparse.Namespace) -> int:
             sys.stdout.write(json.dumps(result, indent=1, allow_nan=False) + "\n")
         else:
             write_json(result, args.json)
+    failures = result.get("failures") or []
+    if result.get("flags", {}).get("all_failed"):
+        f = failures[0] if failures else {}
+        at = f" at {f['where']}" if f.get("where") else ""
+        print(f"{_PROG} compare: error: every trial failed; first: {f.get('task')} · {f.get('optimizer')}: "
+              f"{f.get('error')}{at}", file=sys.stderr)
+        return 1
+    if failures:
+        f = failures[0]
+        at = f" at {f['where']}" if f.get("where") else ""
+        print(f"{_PROG} compare: error: {len(failures)} trial(s) failed; first: {f['task']} · {f['optimizer']} "
+              f"seed {f['seed']}: {f['error']}{at}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _worker(storage: str | None, study_name: str, wait_s: float = 600.0) -> int:
+    """``--worker``: run the waiting trials of a comparison until its coordinator finishes it."""
+    import time
+
+    import torch
+
+    from .compare.study import TaskCache, _optuna, open_storage, work
+
+    if not storage:
+        raise UsageError("--worker needs --storage URL (or the --out folder of a running comparison)")
+    optuna = _optuna()
+    torch.set_num_threads(1)
+    st = open_storage(storage)
+    deadline = time.monotonic() + wait_s
+    while True:  # the coordinator may not have created the study yet
+        try:
+            study = optuna.load_study(study_name=study_name, storage=st)
+            meta = study.user_attrs.get("meta")
+            if meta is not None:
+                break
+        except KeyError:
+            pass
+        if time.monotonic() > deadline:
+            raise UsageError(f"no comparison {study_name!r} appeared in {storage} within {wait_s:.0f} s")
+        time.sleep(1.0)
+    cache = TaskCache(meta, torch.device(meta["config"]["device"]))
+    n = work(study, cache, lambda: bool(study.user_attrs.get("finished")), poll_s=0.5)
+    print(f"{_PROG} compare --worker: ran {n} trial(s) of {study_name!r}", file=sys.stderr)
     return 0
 
 

@@ -7,6 +7,7 @@ builders and :func:`parse_optimizer_choice`.
 
 from .report import print_report, write_json, write_report
 from .runner import OptimizerChoice, default_choices, parse_optimizer_choice, run_compare
+from .summary import result_from_storage
 from .tasks import BUILTIN_TASKS, DEFAULT_SUITE, OPTIONAL_TASKS, Task, TaskUnavailable, build_task, load_user_task
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "parse_optimizer_choice",
     "default_choices",
     "run_compare",
+    "result_from_storage",
     "print_report",
     "write_report",
     "write_json",

@@ -1,53 +1,45 @@
-"""The race: run every (task, optimizer, learning rate, seed), then summarise into one dict.
+"""The race: plan every (task, optimizer, point, seed) as a trial of one Optuna study, run the
+trials in worker processes, and summarise the stored trials into one result dict.
 
-The result of :func:`run_compare` is a plain JSON-able ``dict``; the tables, plots, HTML page
-and JSON file are all rendered from it (:mod:`optimkit.compare.report`), so every number a
-user sees in the terminal is the number stored in ``results.json``.
-
-Measurement choices (documented in docs/compare.md):
-
-* every optimizer of a task starts from the same weights (seeded) and sees the same batches;
-* ``train_loss`` is the mean minibatch loss over the last 10% of steps; ``val_loss`` and the
-  metric are evaluated on the held-out data at the end (and every ``eval_every`` steps for
-  the curves); numbers are means over seeds;
-* ``steps_to_target``: the first evaluation step at which the seed-mean metric reaches the
-  task's target (``None``: never);
-* ``ms_per_step``: wall time of a whole training step (batch, forward, backward, step);
-  ``opt_ms_per_step``: of ``optimizer.step()`` alone; both medians over the run;
-* ``state_bytes_per_param``: bytes of every tensor in the optimizer state after the run,
-  divided by the number of trained parameters (fp32 Adam: 8 plus a few bytes of step counters);
-* a run whose loss becomes non-finite is stopped and counted as diverged; it ranks last;
-* ranking: by the final validation metric (validation loss when the task has none), ties
-  broken by validation loss; the overall ranking is the mean rank over tasks.
+The result of :func:`run_compare` is a plain JSON-able ``dict`` (schema: docs/compare-results.md);
+the tables, plots, HTML page and JSON file are all rendered from it (:mod:`optimkit.compare.report`),
+and it is built from the storage alone (:func:`optimkit.compare.summary.result_from_storage`).
+How trials are planned, stored and shared between processes: :mod:`optimkit.compare.study`.
+What one trial measures: :mod:`optimkit.compare.trial`. How rows, ranks and profiles are computed:
+:mod:`optimkit.compare.summary`.
 """
 
 from __future__ import annotations
 
-import math
-import statistics
+import inspect
+import shlex
+import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from .tasks import Batch, Task
+from . import study as st
+from .progress import Eta, Progress, RichProgress
+from .summary import build_result, point_scores, unit_points
+from .tasks import Task
 
 __all__ = [
     "OptimizerChoice",
     "parse_optimizer_choice",
     "default_choices",
     "run_compare",
+    "choice_warnings",
     "LR_SWEEP_FACTORS",
+    "Progress",
+    "RichProgress",
 ]
 
-#: multipliers of an optimizer's default lr tried by ``--lr-sweep``
-LR_SWEEP_FACTORS: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0, 10.0)
-#: a sweep point is "as good as the best" when its validation loss is within this fraction
-SWEEP_TOLERANCE = 0.10
-_DIVERGE_FACTOR = 1e4
+LR_SWEEP_FACTORS = st.LR_SWEEP_FACTORS
 
 
 @dataclass(frozen=True)
@@ -126,336 +118,78 @@ def default_choices() -> list[OptimizerChoice]:
     return [parse_optimizer_choice(n) for n in list_optimizers()]
 
 
-# --------------------------------------------------------------------------- progress
-class Progress:
-    """What the runner reports while it runs (the CLI plugs in a rich display)."""
+def _base_spec(choice: OptimizerChoice) -> Any:
+    from ..factory.registry import REGISTRY
 
-    def start(self, total_steps: int) -> None: ...
-    def run(self, description: str, steps: int) -> None: ...
-    def advance(self, step: int, loss: float, n: int) -> None: ...
-    def note(self, message: str) -> None: ...
-    def stop(self) -> None: ...
+    return REGISTRY.get(choice.name.removeprefix("lookahead_"))
 
 
-class RichProgress(Progress):
-    """A rich progress bar on stderr: task, optimizer, step, current loss, ETA."""
-
-    def __init__(self) -> None:
-        from rich.console import Console
-        from rich.progress import BarColumn, TextColumn, TimeRemainingColumn
-        from rich.progress import Progress as _P
-
-        self.console = Console(stderr=True)
-        self._p = _P(
-            TextColumn("{task.description}"),
-            TextColumn("step {task.fields[step]:>4}/{task.fields[steps]:<4}"),
-            TextColumn("loss {task.fields[loss]:>7}"),
-            BarColumn(bar_width=12),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=self.console,
-            transient=True,
-        )
-        self._id: Any = None
-
-    def start(self, total_steps: int) -> None:
-        self._p.start()
-        self._id = self._p.add_task("", total=total_steps, step=0, steps=0, loss="-")
-
-    def run(self, description: str, steps: int) -> None:
-        self._p.update(self._id, description=description, step=0, steps=steps, loss="-")
-
-    def advance(self, step: int, loss: float, n: int) -> None:
-        self._p.update(self._id, advance=n, step=step, loss=f"{loss:.4g}")
-
-    def note(self, message: str) -> None:
-        self.console.print(message, markup=False, highlight=False)
-
-    def stop(self) -> None:
-        self._p.stop()
+def choice_warnings(choices: Sequence[OptimizerChoice]) -> list[str]:
+    """One-line warnings about specs that are legal but almost certainly not meant."""
+    out = []
+    for c in choices:
+        spec = _base_spec(c)
+        if spec is not None and spec.name == "prodigy" and c.lr_given and c.lr is not None and c.lr < 0.1:
+            out.append(f"{c.label}: Prodigy's lr multiplies its estimated step size d (keep lr=1, scale with "
+                       f"d_coef); lr={c.lr:g} makes every step {1 / c.lr:.3g}x smaller than Prodigy's estimate")
+    return out
 
 
-# --------------------------------------------------------------------------- one run
-@dataclass
-class _Run:
-    lr: float | None
-    seed: int
-    train_loss: list[float] = field(default_factory=list)
-    eval_steps: list[int] = field(default_factory=list)
-    val_loss: list[float] = field(default_factory=list)
-    metric: list[float] = field(default_factory=list)
-    step_ms: list[float] = field(default_factory=list)
-    opt_ms: list[float] = field(default_factory=list)
-    d_steps: list[int] = field(default_factory=list)
-    d: list[float] = field(default_factory=list)
-    effective_lr: list[float] = field(default_factory=list)
-    state_bytes: int = 0
-    n_params: int = 0
-    diverged: bool = False
-    error: str | None = None
+def full_hyperparameters(choice: OptimizerChoice) -> dict[str, Any]:
+    """``{"all": every constructor argument (defaults, preset, spec), "given": the spec's own}``."""
+    from ..factory import resolve_optimizer
 
-
-def _to(x: Any, device: torch.device) -> Any:
-    if isinstance(x, Tensor):
-        return x.to(device)
-    if isinstance(x, (list, tuple)):
-        return type(x)(_to(v, device) for v in x)
-    return x
-
-
-def _minibatches(data: Batch, batch_size: int | None, gen: torch.Generator) -> Iterator[Batch]:
-    x, y = data
-    n = len(y)
-    if batch_size is None or batch_size >= n:
-        while True:
-            yield x, y
-    while True:  # shuffled epochs; the last partial batch of an epoch is dropped
-        perm = torch.randperm(n, generator=gen).to(y.device)
-        for i in range(0, n - batch_size + 1, batch_size):
-            idx = perm[i : i + batch_size]
-            yield _index(x, idx), y[idx]
-
-
-def _index(x: Any, idx: Tensor) -> Any:
-    if isinstance(x, Tensor):
-        return x[idx]
-    if isinstance(x, (list, tuple)):
-        return type(x)(_index(v, idx) for v in x)
-    raise TypeError(f"train_data inputs must be Tensors (or tuples of them), got {type(x).__name__}")
-
-
-@torch.no_grad()
-def _evaluate(task: Task, model: nn.Module, val: Batch | None, chunk: int = 512) -> tuple[float, float]:
-    if val is None:
-        return math.nan, math.nan
-    model.eval()
-    x, y = val
-    n = len(y)
-    total, outs = 0.0, []
-    for i in range(0, n, chunk):
-        xi = _index(x, torch.arange(i, min(n, i + chunk), device=y.device)) if n > chunk else x
-        yi = y[i : i + chunk] if n > chunk else y
-        out = model(xi)
-        total += float(task.loss_fn(out, yi)) * len(yi)
-        if task.metric is not None and task.metric != "perplexity":
-            outs.append((out, yi))
-    model.train()
-    loss = total / n
-    if task.metric is None:
-        metric = math.nan
-    elif task.metric == "perplexity":
-        metric = math.exp(min(loss, 50.0))
-    elif task.metric == "accuracy":
-        correct = sum(int((o.argmax(-1) == t).sum()) for o, t in outs)
-        metric = correct / n
+    spec = _base_spec(choice)
+    if spec is not None:
+        hp = {h.name: h.default for h in spec.hyperparams}
     else:
-        metric = float(task.metric(torch.cat([o for o, _ in outs]), torch.cat([t for _, t in outs])))
-    return loss, metric
+        cls, _, _ = resolve_optimizer(choice.name)
+        hp = {n: p.default for n, p in inspect.signature(cls).parameters.items()
+              if n != "params" and p.default is not inspect.Parameter.empty}
+    hp.update(choice.args)
+    if choice.lr is not None:
+        hp["lr"] = choice.lr
+    if choice.name.startswith("lookahead_"):
+        hp["lookahead"] = {"k": 5, "alpha": 0.5}
+    return st.meta_json({"all": hp, "given": dict(choice.args)})
 
 
-def _state_bytes(opt: torch.optim.Optimizer) -> int:
-    seen: set[int] = set()
-    total = 0
+def _space(choice: OptimizerChoice) -> tuple[tuple[str, float, float], ...]:
+    """The search space of ``choice``: the registry's, centred on the user's value if given."""
+    from ..factory.registry import LR_SEARCH_FACTOR, SearchDim
 
-    def walk(obj: Any) -> None:
-        nonlocal total
-        if isinstance(obj, Tensor):
-            key = obj.untyped_storage().data_ptr() if obj.numel() else id(obj)
-            if key not in seen:
-                seen.add(key)
-                total += obj.numel() * obj.element_size()
-        elif isinstance(obj, dict):
-            for v in obj.values():
-                walk(v)
-        elif isinstance(obj, (list, tuple)):
-            for v in obj:
-                walk(v)
-
-    walk(dict(opt.state))
-    inner = getattr(opt, "optimizer", None) or getattr(opt, "base_optimizer", None)
-    if isinstance(inner, torch.optim.Optimizer) and inner is not opt:
-        walk(dict(inner.state))
-    return total
+    spec = _base_spec(choice)
+    dims = list(spec.search_space) if spec is not None else (
+        [SearchDim("lr", 1 / LR_SEARCH_FACTOR, LR_SEARCH_FACTOR)] if choice.lr is not None else [])
+    out = []
+    for d in dims:
+        given = choice.lr if d.name == "lr" and (choice.lr_given or spec is None) else choice.args.get(d.name)
+        if isinstance(given, (int, float)) and not isinstance(given, bool) and given > 0:
+            d = d.around(float(given))
+        out.append((d.name, d.low, d.high))
+    return tuple(out)
 
 
-def _run_one(
-    task: Task,
-    choice: OptimizerChoice,
-    lr: float | None,
-    seed: int,
-    steps: int,
-    eval_every: int,
-    device: torch.device,
-    train: Batch | None,
-    val: Batch | None,
-    progress: Progress,
-) -> _Run:
-    from ..factory import create_optimizer
-
-    run = _Run(lr=lr, seed=seed)
-    torch.manual_seed(seed)
-    model = task.make_model().to(device)
-    model.train()
-    run.n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    opt = create_optimizer(choice.name, model, lr=lr, optimizer_args=dict(choice.args))
-    gen = torch.Generator().manual_seed(10_000 + seed)
-    batches = task.train_batches(gen) if task.train_batches is not None else _minibatches(train, task.batch_size, gen)
-
-    def record_eval(step: int) -> None:
-        vl, m = _evaluate(task, model, val)
-        run.eval_steps.append(step)
-        run.val_loss.append(vl)
-        run.metric.append(m)
-
-    record_eval(0)
-    first_loss: float | None = None
-    pending = 0
-    for step in range(1, steps + 1):
-        t0 = time.perf_counter()
-        x, y = next(batches)
-        x, y = _to(x, device), _to(y, device)
-        opt.zero_grad(set_to_none=True)
-        loss = task.loss_fn(model(x), y)
-        loss.backward()
-        t1 = time.perf_counter()
-        opt.step()
-        t2 = time.perf_counter()
-        lv = float(loss.detach())  # one host sync per step, needed for the curve anyway
-        run.step_ms.append((t2 - t0) * 1e3)
-        run.opt_ms.append((t2 - t1) * 1e3)
-        run.train_loss.append(lv)
-        group = opt.param_groups[0]
-        if "d" in group:  # Prodigy-style optimizers mirror their scalar d into every group
-            d = float(group["d"])
-            run.d_steps.append(step)
-            run.d.append(d)
-            eff = group.get("effective_lr")
-            run.effective_lr.append(float(eff) if eff is not None else d * float(group["lr"]))
-        if first_loss is None:
-            first_loss = lv
-        pending += 1
-        if not math.isfinite(lv) or abs(lv) > _DIVERGE_FACTOR * max(1.0, abs(first_loss)):
-            run.diverged = True
-            progress.advance(step, lv, pending + steps - step)
-            break
-        if step % eval_every == 0 or step == steps:
-            record_eval(step)
-        if step % 5 == 0 or step == steps:
-            progress.advance(step, lv, pending)
-            pending = 0
-    run.state_bytes = _state_bytes(opt)
-    return run
-
-
-# --------------------------------------------------------------------------- summary
-def _mean(xs: Sequence[float]) -> float:
-    xs = [x for x in xs if x is not None]
-    return float(statistics.fmean(xs)) if xs else math.nan
-
-
-def _finite_or_none(x: float) -> float | None:
-    return None if x is None or not math.isfinite(x) else float(x)
-
-
-def _band(curves: list[list[float]], length: int) -> dict[str, list[float | None]]:
-    """Mean, min and max over seeds; a seed that stopped early (diverged) leaves a gap."""
-    out: dict[str, list[float | None]] = {"mean": [], "min": [], "max": []}
-    for i in range(length):
-        vals = [c[i] for c in curves if i < len(c) and math.isfinite(c[i])]
-        ok = len(vals) == len(curves) and vals
-        out["mean"].append(float(statistics.fmean(vals)) if ok else None)
-        out["min"].append(min(vals) if ok else None)
-        out["max"].append(max(vals) if ok else None)
+def _units(tasks: Sequence[Task], choices: Sequence[OptimizerChoice], lr_sweep: bool,
+           factors: Sequence[float]) -> list[st.Unit]:
+    out = []
+    for t in tasks:
+        for c in choices:
+            grid = tuple(factors) if lr_sweep and c.needs_lr_tuning and c.lr is not None else None
+            out.append(st.Unit(t.name, c.label, c.name, c.lr, _space(c), grid))
     return out
 
 
-def _binned(losses: list[float], steps: int, bins: int = 100) -> tuple[list[int], list[float]]:
-    """Average the per-step minibatch losses in ``bins`` windows (noisy curves are unreadable)."""
-    width = max(1, steps // bins)
-    xs, ys = [], []
-    for start in range(0, steps, width):
-        w = losses[start : start + width]
-        if len(w) < width and start + width <= steps:  # the run stopped inside this window
-            w = []
-        xs.append(min(steps, start + width))
-        ys.append(float(statistics.fmean(w)) if w and all(math.isfinite(v) for v in w) else math.nan)
-    return xs, ys
-
-
-def _summarise_runs(task: Task, runs: list[_Run], steps: int) -> dict[str, Any]:
-    """Numbers of one (optimizer, lr) over its seeds."""
-    tail = max(1, steps // 10)
-    diverged = sum(r.diverged for r in runs)
-    finals = [r for r in runs if not r.diverged]
-    train_loss = _mean([_mean(r.train_loss[-tail:]) for r in finals]) if finals else math.nan
-    val_loss = _mean([r.val_loss[-1] for r in finals]) if finals else math.nan
-    metric = _mean([r.metric[-1] for r in finals]) if finals else math.nan
-    eval_steps = max((r.eval_steps for r in runs), key=len)
-    mcurve = _band([r.metric if task.metric is not None else r.val_loss for r in runs], len(eval_steps))["mean"]
-    steps_to_target = None
-    if task.target is not None and diverged == 0:
-        better = (lambda v: v >= task.target) if (task.metric is not None and task.higher_is_better) else (
-            lambda v: v <= task.target
-        )
-        for s, v in zip(eval_steps, mcurve):
-            if v is not None and better(v):
-                steps_to_target = s
-                break
-    step_ms = [m for r in runs for m in r.step_ms[1:]] or [m for r in runs for m in r.step_ms]
-    opt_ms = [m for r in runs for m in r.opt_ms[1:]] or [m for r in runs for m in r.opt_ms]
-    n_params = runs[0].n_params
-    return {
-        "train_loss": _finite_or_none(train_loss),
-        "val_loss": _finite_or_none(val_loss),
-        "metric": _finite_or_none(metric),
-        "steps_to_target": steps_to_target,
-        "ms_per_step": statistics.median(step_ms) if step_ms else None,
-        "opt_ms_per_step": statistics.median(opt_ms) if opt_ms else None,
-        "state_bytes_per_param": (max(r.state_bytes for r in runs) / n_params) if n_params else None,
-        "diverged_seeds": diverged,
-        "seeds": len(runs),
-    }
-
-
-def _curves(runs: list[_Run], steps: int) -> dict[str, Any]:
-    binned = [_binned(r.train_loss + [math.nan] * (steps - len(r.train_loss)), steps) for r in runs]
-    eval_steps = max((r.eval_steps for r in runs), key=len)
-    out: dict[str, Any] = {
-        "train_steps": binned[0][0],
-        "train_loss": _band([b[1] for b in binned], len(binned[0][0])),
-        "eval_steps": eval_steps,
-        "val_loss": _band([r.val_loss for r in runs], len(eval_steps)),
-        "metric": _band([r.metric for r in runs], len(eval_steps)),
-    }
-    if any(r.d for r in runs):
-        d_steps = max((r.d_steps for r in runs), key=len)
-        out["d_steps"] = d_steps
-        out["d"] = _band([r.d for r in runs], len(d_steps))["mean"]
-        out["effective_lr"] = _band([r.effective_lr for r in runs], len(d_steps))["mean"]
-    return out
-
-
-def _sort_key(task: Task, row: dict[str, Any]) -> tuple[float, float]:
-    if row.get("error") or row["diverged_seeds"] or row["val_loss"] is None:
-        return (math.inf, math.inf)
-    vl = row["val_loss"]
-    if task.metric is None or row["metric"] is None:
-        return (vl, vl)
-    return (-row["metric"] if task.higher_is_better else row["metric"], vl)
-
-
-def _json_clean(obj: Any) -> Any:
-    """NaN/inf are not JSON: store them as null."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _json_clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_clean(v) for v in obj]
-    return obj
+def _n_points(u: st.Unit, budget: int | None) -> int:
+    if u.grid is not None:
+        return len([f for f in u.grid if f != 1.0]) + 1
+    return 1 + (budget if budget and u.space else 0)
 
 
 # --------------------------------------------------------------------------- the race
+_RUNTIME_KEYS = ("jobs", "threads", "storage")
+
+
 def run_compare(
     tasks: Sequence[Task],
     choices: Sequence[OptimizerChoice],
@@ -463,12 +197,18 @@ def run_compare(
     steps: int | None = None,
     seeds: int = 2,
     lr_sweep: bool = False,
+    budget: int | None = None,
     quick: bool = False,
     device: str | torch.device = "cpu",
     threads: int | None = 1,
+    jobs: int = 1,
+    storage: str | None = None,
+    study_name: str = st.STUDY_NAME,
     progress: Progress | None = None,
     unavailable: dict[str, str] | None = None,
     sweep_factors: Sequence[float] = LR_SWEEP_FACTORS,
+    task_specs: dict[str, str] | None = None,
+    command: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Race ``choices`` on ``tasks``; return every number as a JSON-able dict.
 
@@ -476,15 +216,25 @@ def run_compare(
         tasks: the problems (see :class:`~optimkit.compare.tasks.Task`).
         choices: the contestants; labels must be unique.
         steps: override every task's step budget.
-        seeds: runs per (task, optimizer, lr); curves show a min-max band over seeds.
-        lr_sweep: for optimizers with ``needs_lr_tuning``, also try ``lr x sweep_factors``
-            and report the best lr (by final validation loss) and how wide the good range is.
+        seeds: runs per (task, optimizer, point); curves show a min-max band over seeds.
+        lr_sweep: for optimizers with ``needs_lr_tuning``, also try ``lr x sweep_factors``.
+        budget: trials of each optimizer's search space (plus its default); ``None``: defaults only.
         quick: use each task's ``quick_steps``.
         device: where models and data live.
-        threads: ``torch.set_num_threads`` for the race (restored after). 1 is fastest for
-            these small models on a shared CPU; ``None`` leaves torch's setting alone.
+        threads: ``torch.set_num_threads`` for trials run in this process (restored after).
+        jobs: worker processes (each one torch thread); 1 runs in this process; 0 runs nothing
+            here and waits for ``optimkit compare --worker`` processes sharing ``storage``.
+        storage: a journal file path or a database URL; ``None``: a temporary journal. Finished
+            trials found there are not rerun (the comparison must be the same one).
+        study_name: the Optuna study holding this comparison.
         progress: a :class:`Progress` (the CLI passes :class:`RichProgress`).
         unavailable: ``{task name: hint}`` of tasks skipped for missing data (reported).
+        task_specs: ``{task name: spec}`` that rebuilds each task in another process
+            (``logreg``, ``file.py:function``); default: the name.
+        command: the argv that reproduces this run (stored in the result).
+
+    Raises:
+        ValueError: bad arguments, or ``storage`` holds a different comparison.
     """
     labels = [c.label for c in choices]
     if len(set(labels)) != len(labels):
@@ -493,151 +243,203 @@ def run_compare(
         raise ValueError(f"invalid seeds={seeds}; expected >= 1")
     if steps is not None and steps < 1:
         raise ValueError(f"invalid steps={steps}; expected >= 1")
+    if budget is not None and budget < 1:
+        raise ValueError(f"invalid budget={budget}; expected >= 1")
+    if jobs < 0:
+        raise ValueError(f"invalid jobs={jobs}; expected >= 0")
     dev = torch.device(device)
     progress = progress or Progress()
+    tmp = None
+    if storage is None:
+        tmp = tempfile.TemporaryDirectory(prefix="optimkit-compare-")
+        storage = str(Path(tmp.name) / st.JOURNAL_FILE)
+    units = _units(tasks, choices, lr_sweep, sweep_factors)
+    mode = "budget" if (budget or lr_sweep) else "default"
+    config = {
+        "tasks": [t.name for t in tasks], "task_specs": [(task_specs or {}).get(t.name, t.name) for t in tasks],
+        "optimizers": labels, "steps": steps, "seeds": seeds, "budget": budget,
+        "sampler": "grid" if lr_sweep else ("qmc" if budget else None), "lr_sweep": lr_sweep,
+        "sweep_factors": list(sweep_factors) if lr_sweep else None, "quick": quick, "device": str(dev),
+        "threads": threads, "jobs": jobs, "storage": st.redact(storage), "study": study_name, "rank_by": "steps",
+        "extension": {"reserved": st.reserved(budget) if budget else 0, "reach": "half the range's log-width"},
+    }
+    if command is None:
+        command = ["optimkit", "compare", "--tasks", *config["task_specs"], "--optimizers", *labels,
+                   "--seeds", str(seeds)] + (["--steps", str(steps)] if steps else []) + (
+                   ["--budget", str(budget)] if budget else []) + (["--lr-sweep"] if lr_sweep else []) + (
+                   ["--quick"] if quick else [])
+    title = (f"Tuned comparison (budget: {budget} trials per optimizer, {seeds} seed(s))" if budget else
+             f"Tuned comparison (lr sweep x{', x'.join(f'{f:g}' for f in sweep_factors)}, {seeds} seed(s))"
+             if lr_sweep else "Out-of-the-box comparison (default hyperparameters only)")
+    meta = st.meta_json({
+        "schema": 2, "mode": mode, "title": title, "config": config, "command": list(command),
+        "command_line": shlex.join(command), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "versions": {"optimkit": _version(), "torch": torch.__version__, "optuna": st._optuna().__version__},
+        "tasks": {t.name: _task_meta(t, steps, quick, (task_specs or {}).get(t.name, t.name)) for t in tasks},
+        "units": st.units_json(units),
+        "hyperparameters": {c.label: full_hyperparameters(c) for c in choices},
+        "warnings": choice_warnings(choices), "unavailable_tasks": dict(unavailable or {}),
+        "planned": sum(_n_points(u, budget) * seeds for u in units),
+    })
+    started = time.perf_counter()
     old_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
-
-    plan: list[tuple[Task, int, OptimizerChoice, list[float | None]]] = []
-    for task in tasks:
-        n = steps or task.steps_for(quick)
-        for c in choices:
-            lrs: list[float | None] = [c.lr]
-            if lr_sweep and c.needs_lr_tuning and c.lr is not None:
-                lrs = [c.lr * f for f in sweep_factors]
-            plan.append((task, n, c, lrs))
-    total = sum(n * len(lrs) * seeds for _, n, _, lrs in plan)
-
-    skipped: dict[str, str] = {}
-    out_tasks: dict[str, Any] = {}
-    started = time.perf_counter()
-    progress.start(total)
     try:
-        for task in tasks:
-            n = steps or task.steps_for(quick)
-            eval_every = max(1, min(task.eval_every or n // 20 or 1, n))
-            train = _to(task.train_data, dev) if task.train_data is not None else None
-            val = _to(task.val_data, dev) if task.val_data is not None else None
-            rows, curves, sweeps = [], {}, {}
-            n_params = None
-            for t, tn, c, lrs in plan:
-                if t is not task:
-                    continue
-                per_lr: list[tuple[float | None, list[_Run], dict[str, Any]]] = []
-                error = skipped.get(c.label)
-                for lr in lrs:
-                    runs: list[_Run] = []
-                    for seed in range(seeds):
-                        if error:
-                            progress.advance(0, math.nan, tn)
-                            continue
-                        lr_txt = f" lr={lr:.3g}" if lr is not None else ""
-                        progress.run(f"{task.name} · {c.label}{lr_txt} s{seed}", tn)
-                        try:
-                            runs.append(_run_one(task, c, lr, seed, tn, eval_every, dev, train, val, progress))
-                        except NotImplementedError as e:
-                            error = f"not implemented: {e}"
-                            skipped[c.label] = error
-                            progress.note(f"skipped {c.label}: {error}")
-                            progress.advance(0, math.nan, tn)
-                        except Exception as e:  # noqa: BLE001 - one failing run must not end the race
-                            error = f"{type(e).__name__}: {e}".splitlines()[0]
-                            progress.note(f"{task.name} · {c.label}: failed: {error}")
-                            progress.advance(0, math.nan, tn)
-                    if runs:
-                        n_params = runs[0].n_params
-                        per_lr.append((lr, runs, _summarise_runs(task, runs, tn)))
-                if not per_lr:
-                    rows.append({"optimizer": c.label, "name": c.name, "args": c.args, "lr": c.lr,
-                                 "error": error, "diverged_seeds": 0, "val_loss": None, "metric": None})
-                    continue
-                best_lr, best_runs, best = per_lr[0]
-                if len(per_lr) > 1:
-                    finite = [p for p in per_lr if p[2]["val_loss"] is not None and not p[2]["diverged_seeds"]]
-                    if finite:
-                        best_lr, best_runs, best = min(finite, key=lambda p: p[2]["val_loss"])
-                        lo = [p[0] for p in finite if p[2]["val_loss"] <= best["val_loss"] + SWEEP_TOLERANCE * abs(best["val_loss"])]
-                        window = [min(lo), max(lo)]
-                    else:
-                        window = None
-                    sweeps[c.label] = {
-                        "grid": [{"lr": lr, "val_loss": s["val_loss"], "metric": s["metric"],
-                                  "diverged_seeds": s["diverged_seeds"]} for lr, _, s in per_lr],
-                        "best_lr": best_lr if finite else None,
-                        "window": window,
-                        "window_factor": (window[1] / window[0]) if window else None,
-                        "default_lr": c.lr,
-                    }
-                rows.append({"optimizer": c.label, "name": c.name, "args": c.args, "lr": best_lr,
-                             "error": error if error and not best_runs else None, **best})
-                curves[c.label] = _curves(best_runs, tn)
-            rows.sort(key=lambda r: _sort_key(task, r))
-            rank = 0
-            for r in rows:
-                rank += 1
-                r["rank"] = rank if not r.get("error") else None
-            out_tasks[task.name] = {
-                "name": task.name,
-                "description": task.description,
-                "family": task.family,
-                "metric": task.metric_name,
-                "higher_is_better": task.higher_is_better,
-                "target": task.target,
-                "steps": n,
-                "eval_every": eval_every,
-                "n_params": n_params,
-                "info": task.info,
-                "results": rows,
-                "sweeps": sweeps,
-                "curves": curves,
-            }
+        study = _open_study(storage, study_name, meta)
+        meta = study.user_attrs["meta"]
+        _coordinate(study, storage, study_name, meta, units, budget, seeds, jobs, dev,
+                    {t.name: t for t in tasks}, progress)
+        study.set_user_attr("wall_time_s", time.perf_counter() - started)
+        return build_result(meta, study.get_trials(deepcopy=False), wall_time_s=time.perf_counter() - started)
     finally:
-        progress.stop()
         if threads:
             torch.set_num_threads(old_threads)
-
-    result = {
-        "optimkit_version": _version(),
-        "torch_version": torch.__version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "config": {
-            "tasks": [t.name for t in tasks],
-            "optimizers": [c.label for c in choices],
-            "steps": steps,
-            "seeds": seeds,
-            "lr_sweep": lr_sweep,
-            "sweep_factors": list(sweep_factors) if lr_sweep else None,
-            "quick": quick,
-            "device": str(dev),
-            "threads": threads,
-        },
-        "wall_time_s": time.perf_counter() - started,
-        "tasks": out_tasks,
-        "overall": _overall(out_tasks, [c.label for c in choices]),
-        "skipped_optimizers": skipped,
-        "unavailable_tasks": dict(unavailable or {}),
-    }
-    return _json_clean(result)
+        if tmp is not None:
+            tmp.cleanup()
 
 
-def _overall(tasks: dict[str, Any], labels: list[str]) -> list[dict[str, Any]]:
-    rows = []
-    for label in labels:
-        ranks = {t: r["rank"] for t, e in tasks.items() for r in e["results"] if r["optimizer"] == label and r["rank"]}
-        if not ranks:
-            continue
-        rows.append({
-            "optimizer": label,
-            "mean_rank": statistics.fmean(ranks.values()),
-            "wins": sum(1 for v in ranks.values() if v == 1),
-            "n_tasks": len(ranks),
-            "ranks": ranks,
-        })
-    rows.sort(key=lambda r: (-r["n_tasks"], r["mean_rank"], -r["wins"]))
-    for i, r in enumerate(rows, 1):
-        r["rank"] = i
-    return rows
+def _task_meta(t: Task, steps: int | None, quick: bool, spec: str) -> dict[str, Any]:
+    n = steps or t.steps_for(quick)
+    return {"name": t.name, "spec": spec, "description": t.description, "family": t.family, "metric": t.metric_name,
+            "higher_is_better": t.higher_is_better, "target": t.target, "steps": n,
+            "eval_every": max(1, min(t.eval_every or n // 20 or 1, n)), "info": t.info}
+
+
+def _open_study(storage: str, study_name: str, meta: dict[str, Any]) -> Any:
+    """Create the study, or load it and check it holds the same comparison."""
+    optuna = st._optuna()
+    study = optuna.create_study(study_name=study_name, storage=st.open_storage(storage), load_if_exists=True,
+                                direction="minimize", sampler=optuna.samplers.RandomSampler(seed=0))
+    old = study.user_attrs.get("meta")
+    if old is None:
+        study.set_user_attr("meta", meta)
+        return study
+    same = lambda m: ({k: v for k, v in m["config"].items() if k not in _RUNTIME_KEYS}, m["units"])  # noqa: E731
+    if same(old) != same(meta):
+        a, b = same(old)[0], same(meta)[0]
+        diff = next((f"{k}: stored {a.get(k)!r}, now {b.get(k)!r}" for k in b if a.get(k) != b.get(k)), "optimizers")
+        raise ValueError(f"the storage {st.redact(storage)} holds a different comparison ({diff}); "
+                         "use another --out (or --storage/--study), or --report-only to render it")
+    return study
+
+
+def _coordinate(study: Any, url: str, study_name: str, meta: dict[str, Any], units: list[st.Unit],
+                budget: int | None, seeds: int, jobs: int, dev: torch.device, tasks: dict[str, Task],
+                progress: Progress) -> None:
+    """Enqueue the plan, run it (here or in workers), plan round 2 when round 1 is in; until done."""
+    optuna = st._optuna()
+    if not st.is_server_url(url):
+        # a journal is used by one coordinator at a time (the CLI holds the folder's lock): a
+        # trial still RUNNING belongs to a run that was interrupted, so it is lost and rerun
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            study.tell(t.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+    study.set_user_attr("finished", False)
+    tmeta = meta["tasks"]
+    r1 = {u: st.round1_points(u, budget) for u in units}
+    r2: dict[st.Unit, list[st.Point]] = {}
+    needs_r2 = {u for u in units if budget and u.space and u.grid is None and st.reserved(budget)}
+
+    def desired() -> list[tuple[st.Unit, st.Point, int]]:
+        out = [(u, p, s) for u in units for p in r1[u] + r2.get(u, []) for s in range(seeds)]
+        # round-robin over tasks (then optimizers): every task's step cost is measured early
+        # for the ETA, and long and short tasks interleave across the workers
+        topt = {lab: i for i, lab in enumerate(meta["config"]["optimizers"])}
+        ttask = {n: i for i, n in enumerate(meta["config"]["tasks"])}
+        out.sort(key=lambda x: (x[1].round, x[1].index, x[2], topt[x[0].optimizer], ttask[x[0].task]))
+        return out
+
+    eta = Eta(max(1, jobs))
+    by_key = st.index_trials(study.get_trials(deepcopy=False))
+    for u in units:
+        left = _n_points(u, budget) * seeds - sum(
+            1 for k, ts in by_key.items() if k.startswith(f"{u.task}|{u.optimizer}|") and st.settled(ts))
+        eta.plan(u.task, max(0, left) * tmeta[u.task]["steps"])
+    total = sum(eta.planned.values())
+    state = {"desc": "", "step": 0, "steps": 0, "loss": None}
+    descs: dict[str, tuple[str, int]] = {}
+
+    def on_event(ev: tuple) -> None:
+        kind, key = ev[0], ev[1]
+        if kind == "start":
+            eta.start(key, ev[2])
+            descs[key] = (ev[4], ev[3])
+            state.update(desc=ev[4], step=0, steps=ev[3], loss=None)
+        elif kind == "step":
+            eta.step(key, ev[2])
+            d = descs.get(key, ("", 0))
+            state.update(desc=d[0], step=ev[2], steps=d[1], loss=ev[3])
+        elif kind == "end":
+            eta.end(key, ev[3])
+            if ev[4] == "FAIL":
+                where = f" (at {ev[6]})" if ev[6] else ""
+                progress.note(f"{descs.get(key, (key,))[0]}: failed: {ev[5]}{where}")
+        progress.update(state["desc"], state["step"], state["steps"], state["loss"], sum(eta.done.values()),
+                        eta.seconds_left())
+
+    cache = st.TaskCache(meta, dev, tasks)
+    procs, queue, done = [], None, None
+    progress.start(total)
+    try:
+        while True:
+            if st.is_server_url(url):
+                optuna.storages.fail_stale_trials(study)
+            by_key = st.index_trials(study.get_trials(deepcopy=False))
+            for u in needs_r2 - set(r2):
+                pts = unit_points(u, by_key, seeds)
+                if all(i in pts and all(t is not None for t in pts[i]["trials"]) for i in range(len(r1[u]))):
+                    scores = point_scores({i: pts[i] for i in range(len(r1[u]))})
+                    r2[u] = st.round2_points(u, budget, scores)
+            want = desired()
+            for u, p, s in want:
+                k = st.key_of(u.task, u.optimizer, p.index, s)
+                ts = by_key.get(k, [])
+                if st.settled(ts) is None and not any(st.trial_state(t) in ("RUNNING", "WAITING") for t in ts):
+                    study.enqueue_trial({k2: v for k2, v in p.params.items()}, user_attrs={
+                        "key": k, "task": u.task, "optimizer": u.optimizer, "point": p.index, "seed": s,
+                        "round": p.round, "params": p.params, "bounds": {q: list(b) for q, b in p.bounds.items()}})
+            by_key = st.index_trials(study.get_trials(deepcopy=False))
+            if all(st.settled(by_key.get(st.key_of(u.task, u.optimizer, p.index, s), [])) is not None
+                   for u, p, s in want) and needs_r2 <= set(r2):
+                break
+            if jobs == 1:
+                st.work(study, cache, lambda: True, on_event)
+            elif jobs >= 2:
+                if not procs:
+                    procs, queue, done = st.start_workers(jobs, url, study_name, meta, str(dev), tasks)
+                _drain(queue, on_event, 0.3)
+                if not any(p.is_alive() for p in procs):
+                    codes = sorted({p.exitcode for p in procs})
+                    raise RuntimeError(f"every worker process exited (exit codes {codes}) before the study finished")
+            else:
+                time.sleep(1.0)
+                n_set = sum(1 for ts in by_key.values() if st.settled(ts) is not None)
+                progress.update(f"waiting for workers: {n_set}/{meta['planned']} trials", 0, 0, None,
+                                0, None)
+        study.set_user_attr("finished", True)
+    finally:
+        if done is not None:
+            done.set()
+            for p in procs:
+                p.join(timeout=10)
+                if p.is_alive():
+                    p.terminate()
+        progress.stop()
+
+
+def _drain(queue: Any, handler: Any, timeout: float) -> None:
+    import queue as q
+
+    end = time.perf_counter() + timeout
+    while True:
+        left = end - time.perf_counter()
+        try:
+            ev = queue.get(timeout=max(0.01, left))
+        except q.Empty:
+            return
+        handler(ev)
+        if time.perf_counter() > end:
+            return
 
 
 def _version() -> str:
