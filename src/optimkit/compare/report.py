@@ -1,33 +1,39 @@
 """Render a compare result (the dict from :func:`~optimkit.compare.runner.run_compare`).
 
-Everything here reads that one dict: the terminal tables, the PNG plots (matplotlib, Agg), the
-HTML page that embeds them and the JSON file. Numbers are formatted by :func:`fmt` only.
+Everything here reads that one dict (schema 2: docs/compare-results.md; an older schema-1 dict
+renders too): the terminal tables (this module), the PNG plots (:mod:`.plots`), the HTML page
+(:mod:`.html_page`), the CSV and TensorBoard exports (:mod:`.export`), the verdict
+(:mod:`.verdict`) and the JSON file. Numbers are formatted by :func:`fmt` only.
+
+Tables are built as columns with a priority, so that a narrow terminal drops the least useful
+columns (and abbreviates headers) instead of wrapping a number across lines.
 """
 
 from __future__ import annotations
 
-import html
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .plots import DPI, LOSS_FIGSIZE, PRODIGY_FIGSIZE
+
 __all__ = [
     "fmt",
+    "fmt_pm",
     "task_table",
     "overall_table",
     "sweep_table",
+    "table_title",
+    "fit_columns",
     "print_report",
     "write_report",
     "write_json",
     "LOSS_FIGSIZE",
+    "PRODIGY_FIGSIZE",
     "DPI",
 ]
-
-DPI = 100
-LOSS_FIGSIZE = (14.0, 4.2)  # inches: 1400 x 420 px at DPI
-PRODIGY_FIGSIZE = (12.0, 4.0)
-SWEEP_PANEL = (4.2, 3.6)
 
 
 def fmt(x: Any, digits: int = 4) -> str:
@@ -45,333 +51,387 @@ def fmt(x: Any, digits: int = 4) -> str:
     return str(x)
 
 
-def _metric_title(entry: dict[str, Any]) -> str | None:
+def fmt_pm(x: Any, sd: Any, digits: int = 4) -> str:
+    """``mean±sd`` (no spaces: one unbreakable cell); the mean alone without a spread."""
+    if x is None or sd is None or not isinstance(sd, (int, float)) or not math.isfinite(sd) or sd == 0:
+        return fmt(x, digits)
+    return f"{fmt(x, digits)}±{sd:.2g}"
+
+
+@dataclass
+class Col:
+    """One table column: the header, its cells, and how it behaves when space is short."""
+
+    head: str
+    cells: list[str]
+    prio: int = 5  # 0: always shown; a higher number is dropped first in a narrow terminal
+    text: bool = False  # free text (may wrap at a space); numbers never wrap
+    short: str | None = None  # header for a narrow terminal
+    left: bool = False
+
+
+# ----------------------------------------------------------------------------- columns
+def _mode(result: dict[str, Any]) -> str:
+    if result.get("mode") in ("default", "budget"):
+        return result["mode"]
+    return "budget" if result.get("config", {}).get("budget") else "default"
+
+
+def _metric_head(entry: dict[str, Any]) -> str | None:
     return f"val {entry['metric']}" if entry.get("metric") else None
 
 
-def _target_title(entry: dict[str, Any]) -> str:
+def _abbrev(metric: str) -> str:
+    return {"accuracy": "acc", "perplexity": "ppl"}.get(metric, metric[:6])
+
+
+def _target_head(entry: dict[str, Any]) -> tuple[str, str]:
     t = entry.get("target")
     if t is None:
-        return "steps to target"
+        return "steps to target", "to tgt"
     op = "≥" if entry.get("metric") and entry.get("higher_is_better") else "≤"
     what = entry.get("metric") or "val loss"
-    return f"steps to {what} {op} {fmt(t)}"
+    return f"steps to {what} {op} {fmt(t)}", f"to {op}{fmt(t)}"
 
 
-def task_table(entry: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows (strings) of one task's ranked table."""
-    head = ["#", "optimizer", "lr", "train loss", "val loss"]
-    mt = _metric_title(entry)
-    if mt:
-        head.append(mt)
-    head += [_target_title(entry), "ms/step", "opt ms/step", "state B/param", "note"]
-    rows = []
-    for r in entry["results"]:
-        note = ""
-        if r.get("error"):
-            note = r["error"]
-        elif r.get("diverged_seeds"):
-            note = f"diverged ({r['diverged_seeds']}/{r['seeds']} seeds)"
-        if r.get("error"):
-            cells = [fmt(r.get("rank")), r["optimizer"], fmt(r.get("lr"), 3)] + ["—"] * (len(head) - 4) + [note]
-        else:
-            cells = [fmt(r["rank"]), r["optimizer"], fmt(r["lr"], 3), fmt(r["train_loss"]), fmt(r["val_loss"])]
-            if mt:
-                cells.append(fmt(r["metric"]))
-            cells += [fmt(r["steps_to_target"]), fmt(r["ms_per_step"], 3), fmt(r["opt_ms_per_step"], 3),
-                      fmt(r["state_bytes_per_param"], 3), note]
-        rows.append(cells)
-    return head, rows
+def _note(r: dict[str, Any]) -> str:
+    parts = []
+    if r.get("error"):
+        where = f" at {r['where']}" if r.get("where") else ""
+        parts.append(f"failed: {r['error']}{where}" if r.get("failed_seeds") else f"{r['error']}{where}")
+    if r.get("diverged_seeds"):
+        parts.append(f"diverged ({r['diverged_seeds']}/{r.get('seeds', '?')} seeds)")
+    if r.get("edge"):
+        parts.append(f"best {r.get('edge_param') or 'lr'} at the {r['edge']} edge")
+    if "overfit" in (r.get("flags") or []):
+        parts.append("overfits")
+    return "; ".join(parts)
+
+
+def _rows_of(entry: dict[str, Any], kind: str | None) -> list[dict[str, Any]]:
+    rows = entry.get("results", [])
+    if kind is None or not any("kind" in r for r in rows):
+        return list(rows)
+    return [r for r in rows if r.get("kind") == kind]
+
+
+def _task_cols(entry: dict[str, Any], mode: str = "default") -> list[Col]:
+    """Every column of one task's table (the terminal drops some when narrow)."""
+    metric = entry.get("metric")
+    mh = _metric_head(entry)
+    th, ts = _target_head(entry)
+    if mode == "budget" and any(r.get("kind") == "best" for r in entry.get("results", [])):
+        return _budget_cols(entry)
+    rows = _rows_of(entry, "default")
+    ok = [r for r in rows if not r.get("error") or r.get("val_loss") is not None]
+
+    def cells(key: str, digits: int = 4, sd: bool = False) -> list[str]:
+        out = []
+        for r in rows:
+            if r not in ok:
+                out.append("—")
+            else:
+                out.append(fmt_pm(r.get(key), r.get(f"{key}_std"), digits) if sd else fmt(r.get(key), digits))
+        return out
+
+    cols = [
+        Col("#", [fmt(r.get("rank")) for r in rows], 0),
+        Col("optimizer", [str(r.get("optimizer")) for r in rows], 0, text=True, left=True),
+        Col("lr", [fmt(r.get("lr"), 3) for r in rows], 4),
+        Col("train loss", cells("train_loss", sd=True), 6, short="train"),
+        Col("val loss", cells("val_loss", sd=True), 1 if not metric else 3, short="val"),
+    ]
+    if mh:
+        cols.append(Col(mh, cells("metric", sd=True), 1, short=_abbrev(metric)))
+    cols += [
+        Col(th, cells("steps_to_target"), 2, short=ts),
+        Col("ms/step", cells("ms_per_step", 3), 7, short="ms"),
+        Col("opt ms/step", cells("opt_ms_per_step", 3), 9, short="opt ms"),
+        Col("state B/param", cells("state_bytes_per_param", 3), 8, short="B/par"),
+    ]
+    if any(r.get("time_to_target_s") is not None for r in rows):
+        cols.append(Col("s to target", cells("time_to_target_s", 3), 5, short="s tgt"))
+    notes = [_note(r) for r in rows]
+    if any(notes):  # only when a row has something to say
+        cols.append(Col("note", notes, 2, text=True, left=True))
+    return cols
+
+
+def _tuned_text(r: dict[str, Any]) -> str:
+    tuned = r.get("tuned")
+    if not isinstance(tuned, dict) or not tuned:
+        return fmt(r.get("lr"), 3) if r.get("lr") is not None else "—"
+    return ",".join(f"{k}={fmt(v, 3)}" for k, v in tuned.items())
+
+
+def _budget_cols(entry: dict[str, Any]) -> list[Col]:
+    """Budget mode: one line per optimizer: default result, best of the budget with its tuned
+    values, and the sensitivity (how much of the search range was as good as the best)."""
+    metric = entry.get("metric")
+    key = "metric" if metric else "val_loss"
+    what = _abbrev(metric) if metric else "val"
+    best = _rows_of(entry, "best")
+    default = {r.get("optimizer"): r for r in _rows_of(entry, "default")}
+    th, ts = _target_head(entry)
+
+    def sens(r: dict[str, Any]) -> tuple[str, str, str]:
+        s = r.get("sensitivity") or {}
+        frac, n = s.get("good_fraction"), s.get("n")
+        good = f"{round(frac * n)}/{n}" if frac is not None and n else "—"
+        factors = [f for f in (s.get("good_factor") or {}).values() if f]
+        width = f"x{fmt(factors[0], 3)}" if factors else "—"
+        spread = s.get("metric" if metric else "val_loss")
+        rng = f"{fmt(spread[0], 3)}..{fmt(spread[2], 3)}" if spread and len(spread) == 3 else "—"
+        return good, width, rng
+
+    sx = [sens(r) for r in best]
+    cols = [
+        Col("#", [fmt(r.get("rank")) for r in best], 0),
+        Col("optimizer", [str(r.get("optimizer")) for r in best], 0, text=True, left=True),
+        Col(f"default {_metric_head(entry) or 'val loss'}",
+            [fmt_pm(default.get(r.get("optimizer"), {}).get(key),
+                    default.get(r.get("optimizer"), {}).get(f"{key}_std")) for r in best], 2, short=f"dflt {what}"),
+        Col(f"tuned {_metric_head(entry) or 'val loss'}", [fmt_pm(r.get(key), r.get(f"{key}_std")) for r in best], 0,
+            short=f"tuned {what}"),
+        Col("tuned value", [_tuned_text(r) for r in best], 1, text=True, left=True, short="tuned"),
+        Col("points within 10% of best", [g for g, _, _ in sx], 4, short="good"),
+        Col("good range", [w for _, w, _ in sx], 5, short="range"),
+        Col(f"{what} over points", [s for _, _, s in sx], 7, short=f"{what} span"),
+        Col(th, [fmt(r.get("steps_to_target")) for r in best], 3, short=ts),
+    ]
+    if metric:
+        cols.append(Col("tuned val loss", [fmt(r.get("val_loss")) for r in best], 8, short="val"))
+    cols += [
+        Col("ms/step", [fmt(r.get("ms_per_step"), 3) for r in best], 9, short="ms"),
+        Col("state B/param", [fmt(r.get("state_bytes_per_param"), 3) for r in best], 10, short="B/par"),
+    ]
+    notes = [_note(r) for r in best]
+    if any(notes):
+        cols.append(Col("note", notes, 2, text=True, left=True))
+    return cols
+
+
+def _overall_cols(result: dict[str, Any]) -> list[Col]:
+    rows = result.get("overall") or []
+    tasks = list(result.get("tasks", {}))
+    cols = [Col("#", [fmt(r.get("rank")) for r in rows], 0),
+            Col("optimizer", [str(r.get("optimizer")) for r in rows], 0, text=True, left=True)]
+    if any(r.get("profile_area") is not None for r in rows):
+        cols.append(Col("profile score (steps)", [fmt(r.get("profile_area"), 3) for r in rows], 1, short="profile"))
+    if any(r.get("profile_area_time") is not None for r in rows):
+        cols.append(Col("profile score (time)", [fmt(r.get("profile_area_time"), 3) for r in rows], 6,
+                        short="prof t"))
+    cols += [Col("mean rank", [fmt(r.get("mean_rank"), 3) for r in rows], 1, short="mean"),
+             Col("wins", [fmt(r.get("wins")) for r in rows], 2)]
+    if any("reached" in r for r in rows):
+        cols.append(Col("reached target", [fmt(r.get("reached")) for r in rows], 3, short="reached"))
+    for i, t in enumerate(tasks):
+        cols.append(Col(f"{t} rank", [fmt((r.get("ranks") or {}).get(t)) for r in rows], 7 + i, short=t[:6]))
+    return cols
+
+
+def _sweep_cols(entry: dict[str, Any]) -> list[Col]:
+    sweeps = entry.get("sweeps") or {}
+    labels, dflt, best, at_best, window, width = [], [], [], [], [], []
+    for label, s in sweeps.items():
+        grid = s.get("grid") or []
+        b = next((g for g in grid if g.get("lr") == s.get("best_lr")), None)
+        param = s.get("param", "lr")
+        labels.append(label if param == "lr" else f"{label} ({param})")
+        dflt.append(fmt(s.get("default_lr"), 3))
+        best.append(fmt(s.get("best_lr"), 3) + (f" ({s['edge']} edge)" if s.get("edge") else ""))
+        at_best.append(fmt(b.get("val_loss")) if b else "—")
+        w = s.get("window")
+        window.append(f"{fmt(w[0], 3)}..{fmt(w[1], 3)}" if w else "—")
+        width.append(f"x{fmt(s['window_factor'], 3)}" if s.get("window_factor") else "—")
+    return [Col("optimizer", labels, 0, text=True, left=True), Col("default lr", dflt, 3, short="default"),
+            Col("best lr", best, 0, text=True, short="best"), Col("val loss at best", at_best, 1, short="val"),
+            Col("good lr range", window, 2, short="good range"), Col("range width", width, 4, short="width")]
+
+
+def _head_rows(cols: list[Col]) -> tuple[list[str], list[list[str]]]:
+    n = max((len(c.cells) for c in cols), default=0)
+    return [c.head for c in cols], [[c.cells[i] for c in cols] for i in range(n)]
+
+
+def task_table(entry: dict[str, Any], mode: str = "default") -> tuple[list[str], list[list[str]]]:
+    """Header and rows (strings) of one task's ranked table, every column."""
+    return _head_rows(_task_cols(entry, mode))
 
 
 def overall_table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    tasks = list(result["tasks"])
-    head = ["#", "optimizer", "mean rank", "wins"] + [f"{t} rank" for t in tasks]
-    rows = []
-    for r in result["overall"]:
-        rows.append([fmt(r["rank"]), r["optimizer"], fmt(r["mean_rank"], 3), fmt(r["wins"])]
-                    + [fmt(r["ranks"].get(t)) for t in tasks])
-    return head, rows
+    """Header and rows of the overall ranking, every column."""
+    return _head_rows(_overall_cols(result))
 
 
 def sweep_table(entry: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    head = ["optimizer", "default lr", "best lr", "val loss at best", "good lr range", "range width"]
-    rows = []
-    for label, s in entry.get("sweeps", {}).items():
-        best = next((g for g in s["grid"] if g["lr"] == s["best_lr"]), None)
-        window = f"{fmt(s['window'][0], 3)} .. {fmt(s['window'][1], 3)}" if s.get("window") else "—"
-        width = f"x{fmt(s['window_factor'], 3)}" if s.get("window_factor") else "—"
-        rows.append([label, fmt(s["default_lr"], 3), fmt(s["best_lr"], 3),
-                     fmt(best["val_loss"]) if best else "—", window, width])
-    return head, rows
+    """Header and rows of one task's lr sweep (``--lr-sweep``), every column."""
+    return _head_rows(_sweep_cols(entry))
+
+
+def table_title(result: dict[str, Any], name: str) -> str:
+    """``task: description (steps, seeds) — what kind of comparison``."""
+    entry = result["tasks"][name]
+    seeds = result.get("config", {}).get("seeds")
+    what = ("out of the box (default hyperparameters only)" if _mode(result) == "default"
+            else f"tuned: best of {result.get('config', {}).get('budget') or 'the grid'} trial(s) per optimizer, "
+                 "default alongside")
+    return f"{name}: {entry.get('description', '')} ({entry.get('steps')} steps, {seeds} seed(s)) — {what}"
+
+
+# ----------------------------------------------------------------------------- fitting
+_MIN_TEXT = 10  # a text column folds, but not narrower than this
+
+
+def _col_width(c: Col, style: str) -> int:
+    """Characters a column needs in a layout ``style``: ``full`` (headers on one line),
+    ``wrap`` (headers wrap at spaces) or ``short`` (short headers, wrapping; text folds down to
+    ``_MIN_TEXT``)."""
+    cell_w = max((len(x) for x in c.cells), default=1)
+    if style == "full":
+        return max(len(c.head), cell_w)
+    head = (c.short or c.head) if style == "short" else c.head
+    head_w = max((len(w) for w in head.split()), default=1)
+    if c.text and style == "short":
+        cell_w = min(cell_w, _MIN_TEXT)
+    return max(head_w, cell_w)
+
+
+def _table_width(cols: list[Col], style: str) -> int:
+    # a rounded box: one border per column plus one, and one space of padding on either side
+    return sum(_col_width(c, style) + 3 for c in cols) + 1
+
+
+def fit_columns(cols: list[Col], width: int) -> tuple[list[Col], str]:
+    """The columns to show in ``width`` characters, and the layout style (see ``_col_width``).
+
+    Every column with one-line headers if that fits; else with headers wrapped at spaces; else
+    short headers, dropping the lowest-priority columns (the highest ``prio`` first, the later
+    one among equals) until the table fits. Priority-0 columns always stay."""
+    for style in ("full", "wrap"):
+        if _table_width(cols, style) <= width:
+            return cols, style
+    keep = list(cols)
+    while _table_width(keep, "short") > width:
+        droppable = [c for c in keep if c.prio > 0]
+        if not droppable:
+            break
+        worst = max(droppable, key=lambda c: (c.prio, keep.index(c)))
+        keep.remove(worst)
+    return keep, "short"
+
+
+def _rich_table(title: str, cols: list[Col], width: int) -> Any:
+    from rich import box
+    from rich.table import Table
+
+    shown, style = fit_columns(cols, width)
+    t = Table(title=title, box=box.ROUNDED, title_justify="left")
+    for c in shown:
+        # a wrapped table gets the exact widths fit_columns counted on (rich would otherwise
+        # shrink whichever column it likes, e.g. fold a label while a header keeps its width)
+        t.add_column((c.short or c.head) if style == "short" else c.head, justify="left" if c.left else "right",
+                     overflow="fold", width=None if style == "full" else _col_width(c, style),
+                     no_wrap=not c.text and style == "full")
+    n = max((len(c.cells) for c in shown), default=0)
+    for i in range(n):
+        t.add_row(*[c.cells[i] for c in shown])
+    return t
 
 
 # ----------------------------------------------------------------------------- terminal
 def print_report(result: dict[str, Any], console: Any = None) -> None:
-    """Print every task's ranked table, the lr sweeps and the overall ranking (rich)."""
-    from rich import box
+    """Print every task's ranked table, the lr sweeps, the overall ranking and the verdict (rich).
+
+    The tables fit ``console.width``: a narrow terminal shows fewer columns and short headers,
+    never a number split across lines."""
     from rich.console import Console
-    from rich.table import Table
+
+    from .verdict import verdict
 
     if console is None:
         import sys
 
         console = Console(file=sys.stdout, width=None if sys.stdout.isatty() else 200)
-
-    def show(title: str, head: list[str], rows: list[list[str]]) -> None:
-        t = Table(title=title, box=box.ROUNDED, title_justify="left")
-        for i, h in enumerate(head):
-            t.add_column(h, justify="left" if h in ("optimizer", "note") else "right", overflow="fold")
-        for r in rows:
-            t.add_row(*r)
-        console.print(t)
-
-    for name, entry in result["tasks"].items():
-        title = f"{name}: {entry['description']}  ({entry['steps']} steps, {result['config']['seeds']} seed(s))"
-        show(title, *task_table(entry))
-        if entry.get("sweeps"):
-            show(f"{name}: learning-rate sweep (good range: val loss within 10% of the best)", *sweep_table(entry))
-    if result["overall"]:
-        show("overall ranking (mean rank over tasks)", *overall_table(result))
+    width = console.width
+    mode = _mode(result)
+    if result.get("title"):
+        console.print(result["title"], markup=False, highlight=False)
+    for name, entry in result.get("tasks", {}).items():
+        console.print(_rich_table(table_title(result, name), _task_cols(entry, mode), width))
+        if entry.get("sweeps") and not any(r.get("kind") == "best" for r in entry.get("results", [])):
+            console.print(_rich_table(f"{name}: learning-rate sweep (good range: val loss within 10% of the best)",
+                                      _sweep_cols(entry), width))
+    if result.get("overall"):
+        title = ("overall ranking (performance profile over tasks, then mean rank)"
+                 if any(r.get("profile_area") is not None for r in result["overall"])
+                 else "overall ranking (mean rank over tasks)")
+        console.print(_rich_table(title, _overall_cols(result), width))
     for name, hint in result.get("unavailable_tasks", {}).items():
         console.print(f"skipped task {name}: {hint}", markup=False, highlight=False)
+    for w in result.get("warnings") or []:
+        console.print(f"warning: {w}", markup=False, highlight=False)
+    v = verdict(result)
+    if v["text"]:
+        console.print("verdict:", style="bold")
+        for para in v["text"].split("\n\n"):
+            console.print(para.replace("**", ""), markup=False, highlight=False)
 
 
 # ----------------------------------------------------------------------------- files
 def write_json(result: dict[str, Any], path: str | Path) -> None:
+    """``result`` as indented JSON (NaN/inf are not allowed: the runner stores them as null)."""
     Path(path).write_text(json.dumps(result, indent=1, allow_nan=False) + "\n", encoding="utf-8")
 
 
-def _colors(labels: list[str]) -> dict[str, Any]:
-    import matplotlib
+def write_report(result: dict[str, Any], out: str | Path, *, tensorboard: str | None = None,
+                 x_axis: str = "step") -> dict[str, str]:
+    """Write the report folder and return ``{what: file name}`` of the files in ``out``.
 
-    cmap = matplotlib.colormaps["tab10" if len(labels) <= 10 else "tab20"]
-    return {lab: cmap(i % cmap.N) for i, lab in enumerate(labels)}
+    ``out`` gets ``results.json``, ``trials.csv``, the PNG plots (curves per task, Prodigy's d,
+    the lr sensitivity, the performance profile when the result has one) and ``index.html``
+    (opens with the verdict). ``tensorboard``: also write every curve as TensorBoard events
+    into that folder (needs the ``tensorboard`` package; RuntimeError otherwise, raised before
+    anything is written). ``x_axis``: ``"step"`` or ``"wall"`` (seconds of training) for the
+    curve plots.
+    """
+    if x_axis not in ("step", "wall"):
+        raise ValueError(f"invalid x_axis={x_axis!r}; expected 'step' or 'wall'")
+    from . import export, plots
+    from .html_page import render_html
 
-
-def _style(i: int) -> str:
-    return ["-", "--", "-.", ":"][(i // 10) % 4]
-
-
-def _series(xs: list[Any], ys: list[Any]) -> tuple[list[float], list[float]]:
-    """Matplotlib wants NaN, not None, for gaps."""
-    return [float(x) for x in xs], [math.nan if y is None else float(y) for y in ys]
-
-
-def _log_axis(ax: Any, axis: str = "y") -> None:
-    """Log scale with plain tick labels (0.6, 2, 30); minor labels only on short ranges."""
-    from matplotlib.ticker import FuncFormatter
-
-    which = ax.yaxis if axis == "y" else ax.xaxis
-    (ax.set_yscale if axis == "y" else ax.set_xscale)("log")
-    lim = ax.get_ylim if axis == "y" else ax.get_xlim
-
-    def major(v: float, _pos: Any) -> str:
-        return f"{v:g}"
-
-    def minor(v: float, _pos: Any) -> str:
-        lo, hi = lim()
-        digit = f"{v:.0e}"[0]  # first significant digit
-        if lo > 0 and (hi / lo < 12 and digit in "23456" or hi / lo < 40 and digit in "25"):
-            return f"{v:g}"
-        return ""
-
-    which.set_major_formatter(FuncFormatter(major))
-    which.set_minor_formatter(FuncFormatter(minor))
-
-
-def _positive(values: list[Any]) -> bool:
-    vals = [v for v in values if v is not None and math.isfinite(v)]
-    return bool(vals) and min(vals) > 0
-
-
-def _plot_task(entry: dict[str, Any], labels: list[str], colors: dict[str, Any], path: Path, seeds: int) -> None:
-    import matplotlib.pyplot as plt
-
-    metric = entry.get("metric")
-    panels = [("train_steps", "train_loss", "training loss (minibatch, binned)"),
-              ("eval_steps", "val_loss", "validation loss")]
-    if metric:
-        panels.append(("eval_steps", "metric", f"validation {metric}"))
-    fig, axes = plt.subplots(1, len(panels), figsize=LOSS_FIGSIZE, dpi=DPI, layout="constrained")
-    band = "min-max over seeds" if seeds > 1 else "1 seed"
-    fig.suptitle(f"{entry['name']}: {entry['description']}  (line: mean, band: {band})", fontsize=10)
-    curves = entry["curves"]
-    for ax, (xkey, ykey, title) in zip(axes, panels):
-        all_vals: list[Any] = []
-        for i, lab in enumerate(labels):
-            c = curves.get(lab)
-            if not c:
-                continue
-            xs, mean = _series(c[xkey], c[ykey]["mean"])
-            _, lo = _series(c[xkey], c[ykey]["min"])
-            _, hi = _series(c[xkey], c[ykey]["max"])
-            all_vals += [v for v in c[ykey]["mean"] if v is not None]
-            ax.plot(xs, mean, _style(i), color=colors[lab], lw=1.4, label=lab)
-            if seeds > 1:
-                ax.fill_between(xs, lo, hi, color=colors[lab], alpha=0.15, lw=0)
-        log = ykey != "metric" or metric == "perplexity"
-        if log and _positive(all_vals):
-            _log_axis(ax)
-        if ykey != "metric" and _positive(all_vals):
-            # diverging runs can reach huge losses; keep the informative range visible
-            finite = sorted(v for v in all_vals if math.isfinite(v))
-            top = finite[int(0.98 * (len(finite) - 1))]
-            ax.set_ylim(max(finite[0] * 0.8, 1e-6), top * 1.5)
-        if ykey == "metric" and metric == "accuracy":
-            ax.set_ylim(0, 1.0)
-        if ykey == "metric" and entry.get("target") is not None:
-            ax.axhline(entry["target"], color="0.5", lw=0.8, ls=":", label="_target")
-            ax.annotate("target", (1.0, entry["target"]), xycoords=("axes fraction", "data"),
-                        ha="right", va="bottom", fontsize=7, color="0.4")
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("step")
-        ax.set_ylabel({"train_loss": "loss", "val_loss": "loss"}.get(ykey, metric or ""))
-        ax.grid(True, which="both", alpha=0.25)
-    handles, names = axes[0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="outside right upper", fontsize=8, title="optimizer", title_fontsize=8)
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-
-
-def _plot_prodigy(result: dict[str, Any], path: Path) -> bool:
-    import matplotlib.pyplot as plt
-
-    lines = [(t, lab, c) for t, e in result["tasks"].items() for lab, c in e["curves"].items() if c.get("d")]
-    if not lines:
-        return False
-    fig, (ax_d, ax_e) = plt.subplots(1, 2, figsize=PRODIGY_FIGSIZE, dpi=DPI, layout="constrained")
-    fig.suptitle("Prodigy: estimated step size d and effective lr (= lr x d, the step an Adam would take) per step "
-                 "(seed mean)", fontsize=10)
-    import matplotlib
-
-    cmap = matplotlib.colormaps["tab10"]
-    for i, (task, lab, c) in enumerate(lines):
-        xs, d = _series(c["d_steps"], c["d"])
-        _, e = _series(c["d_steps"], c["effective_lr"])
-        name = f"{task} · {lab}"
-        ax_d.plot(xs, d, color=cmap(i % 10), lw=1.4, label=name)
-        ax_e.plot(xs, e, color=cmap(i % 10), lw=1.4, label=name)
-    for ax, title in ((ax_d, "d (group['d'])"), (ax_e, "effective lr")):
-        ax.set_yscale("log")  # spans many decades: scientific labels read best
-        ax.set_xlabel("step")
-        ax.set_ylabel(title)
-        ax.set_title(title, fontsize=10)
-        ax.grid(True, which="both", alpha=0.25)
-    handles, names = ax_d.get_legend_handles_labels()
-    fig.legend(handles, names, loc="outside right upper", fontsize=8, title="task · optimizer", title_fontsize=8)
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return True
-
-
-def _plot_sweeps(result: dict[str, Any], colors: dict[str, Any], path: Path) -> bool:
-    import matplotlib.pyplot as plt
-
-    tasks = [(t, e) for t, e in result["tasks"].items() if e.get("sweeps")]
-    if not tasks:
-        return False
-    fig, axes = plt.subplots(1, len(tasks), figsize=(max(7.5, SWEEP_PANEL[0] * len(tasks) + 1.8), SWEEP_PANEL[1]),
-                             dpi=DPI, layout="constrained", squeeze=False)
-    fig.suptitle("lr sweep: final validation loss vs lr (x: diverged, star: best)", fontsize=10)
-    for ax, (t, e) in zip(axes[0], tasks):
-        for lab, s in e["sweeps"].items():
-            lrs = [g["lr"] for g in s["grid"]]
-            vl = [math.nan if g["val_loss"] is None or g["diverged_seeds"] else g["val_loss"] for g in s["grid"]]
-            ax.plot(lrs, vl, "o-", ms=3, color=colors.get(lab), lw=1.2, label=lab)
-            bad = [x for x, g in zip(lrs, s["grid"]) if g["val_loss"] is None or g["diverged_seeds"]]
-            finite = [v for v in vl if math.isfinite(v)]
-            if bad and finite:
-                ax.plot(bad, [max(finite)] * len(bad), "x", color=colors.get(lab), ms=6)
-            if s.get("best_lr") is not None:
-                best = next(g for g in s["grid"] if g["lr"] == s["best_lr"])
-                ax.plot([s["best_lr"]], [best["val_loss"]], "*", color=colors.get(lab), ms=11)
-        ax.set_xscale("log")
-        if _positive([g["val_loss"] for s in e["sweeps"].values() for g in s["grid"]]):
-            _log_axis(ax)
-        ax.set_title(t, fontsize=10)
-        ax.set_xlabel("learning rate")
-        ax.set_ylabel("final validation loss")
-        ax.grid(True, which="both", alpha=0.25)
-    handles, names = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="outside right upper", fontsize=8, title="optimizer", title_fontsize=8)
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return True
-
-
-def _html_table(head: list[str], rows: list[list[str]]) -> str:
-    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>\n" for r in rows)
-    return f"<table><thead><tr>{th}</tr></thead><tbody>\n{body}</tbody></table>"
-
-
-_CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1500px;color:#222}
-table{border-collapse:collapse;margin:0.5em 0 1em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
-td:nth-child(2),th:nth-child(2){text-align:left}th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee}
-.small{color:#666;font-size:90%}"""
-
-
-def write_report(result: dict[str, Any], out: str | Path) -> dict[str, str]:
-    """Write ``results.json``, the PNG plots and ``index.html`` into ``out``; return the files."""
+    if tensorboard is not None and not export.tensorboard_available():
+        raise RuntimeError("--tensorboard needs the tensorboard package: pip install 'optimkit[tensorboard]'")
     import matplotlib
 
     matplotlib.use("Agg", force=True)  # headless; never opens a window
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    labels = list(result["config"]["optimizers"])
-    colors = _colors(labels)
-    seeds = result["config"]["seeds"]
+    cfg = result.get("config", {})
+    labels = list(cfg.get("optimizers") or {lab: None for e in result.get("tasks", {}).values()
+                                              for lab in (e.get("curves") or {})})
+    palette = plots.colors(labels)
+    seeds = int(cfg.get("seeds") or 1)
     files: dict[str, str] = {}
-    for name, entry in result["tasks"].items():
+    for name, entry in result.get("tasks", {}).items():
         p = out / f"loss_{name}.png"
-        _plot_task(entry, labels, colors, p, seeds)
-        files[f"loss_{name}"] = p.name
-    if _plot_prodigy(result, out / "prodigy_d.png"):
+        if plots.plot_task(entry, labels, palette, p, seeds, x_axis=x_axis):
+            files[f"loss_{name}"] = p.name
+    if plots.plot_prodigy(result, out / "prodigy_d.png"):
         files["prodigy_d"] = "prodigy_d.png"
-    if _plot_sweeps(result, colors, out / "lr_sweep.png"):
+    if plots.plot_sweeps(result, palette, out / "lr_sweep.png"):
         files["lr_sweep"] = "lr_sweep.png"
-    result = {**result, "files": {**files, "json": "results.json", "html": "index.html"}}
+    prof = result.get("profiles") or {}
+    if prof.get("tau") and prof.get("steps") and prof.get("tasks"):
+        if plots.plot_profile(prof, palette, out / "profile.png"):
+            files["profile"] = "profile.png"
+    export.write_trials_csv(result, out / "trials.csv")
+    files["trials_csv"] = "trials.csv"
+    if tensorboard is not None:
+        export.write_tensorboard(result, tensorboard)
+    files.update(json="results.json", html="index.html")
+    result = {**result, "files": dict(files)}
     write_json(result, out / "results.json")
-    (out / "index.html").write_text(_html(result, files), encoding="utf-8")
-    return {**files, "json": "results.json", "html": "index.html"}
-
-
-def _html(result: dict[str, Any], files: dict[str, str]) -> str:
-    cfg = result["config"]
-    parts = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>optimkit compare</title>",
-        f"<style>{_CSS}</style></head><body>",
-        "<h1>optimkit compare</h1>",
-        f"<p class='small'>optimkit {html.escape(result['optimkit_version'])}, torch "
-        f"{html.escape(result['torch_version'])}, {html.escape(result['created'])}; device {html.escape(cfg['device'])}; "
-        f"{cfg['seeds']} seed(s); lr sweep: {'yes' if cfg['lr_sweep'] else 'no'}; quick: {'yes' if cfg['quick'] else 'no'}; "
-        f"wall time {result['wall_time_s']:.1f} s. All numbers: <a href='results.json'>results.json</a>.</p>",
-    ]
-    if result["overall"]:
-        parts += ["<h2>Overall ranking</h2><p class='small'>Mean rank over tasks (lower is better); "
-                  "a task ranks by its validation metric, ties by validation loss; diverged runs rank last.</p>",
-                  _html_table(*overall_table(result))]
-    for name, entry in result["tasks"].items():
-        parts.append(f"<h2 id='{html.escape(name)}'>{html.escape(name)}</h2>")
-        info = ", ".join(f"{k}: {v}" for k, v in entry.get("info", {}).items())
-        parts.append(f"<p>{html.escape(entry['description'])} ({entry['steps']} steps, "
-                     f"{fmt(entry['n_params'])} parameters). <span class='small'>{html.escape(info)}</span></p>")
-        parts.append(_html_table(*task_table(entry)))
-        if f"loss_{name}" in files:
-            parts.append(f"<img src='{html.escape(files[f'loss_{name}'])}' alt='loss curves {html.escape(name)}'>")
-        if entry.get("sweeps"):
-            parts.append("<h3>Learning-rate sweep</h3>" + _html_table(*sweep_table(entry)))
-    if "lr_sweep" in files:
-        parts.append(f"<h2>Learning-rate sensitivity</h2><img src='{files['lr_sweep']}' alt='lr sweep'>")
-    if "prodigy_d" in files:
-        parts.append("<h2>Prodigy's step-size estimate</h2><p class='small'>d grows from d0 until it matches the "
-                     "distance the weights have to travel; the effective lr is lr x d.</p>"
-                     f"<img src='{files['prodigy_d']}' alt='Prodigy d'>")
-    notes = [f"optimizer {k}: {v}" for k, v in result.get("skipped_optimizers", {}).items()]
-    notes += [f"task {k}: {v}" for k, v in result.get("unavailable_tasks", {}).items()]
-    if notes:
-        parts.append("<h2>Skipped</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>")
-    parts.append("</body></html>\n")
-    return "\n".join(parts)
+    (out / "index.html").write_text(render_html(result, files, x_axis=x_axis), encoding="utf-8")
+    return files

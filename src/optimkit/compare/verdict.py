@@ -1,0 +1,218 @@
+"""The verdict of a compare run: what to use for each task and why, with the caveats that apply.
+
+Pure functions of the result dict (no plotting, no I/O), so they are cheap to test on crafted
+inputs. The caveats are the ways a comparison misleads (DeepOBS; Schmidt et al. 2021):
+
+* ranking at default hyperparameters only measures how good each default is;
+* a best learning rate on the edge of the range tried means the range was too narrow;
+* a training loss far below the validation loss means the winner overfits;
+* every run diverged or failed: nothing is recommended;
+* a difference within the seed spread (or the printed precision) is a tie, not a win.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+__all__ = ["verdict", "task_verdict", "hyperparameters", "edge_side", "tied", "OVERFIT_RATIO"]
+
+#: validation loss >= this x training loss (and at least ``OVERFIT_GAP`` above it): overfitting
+OVERFIT_RATIO = 2.0
+OVERFIT_GAP = 0.05
+#: without a seed spread, values closer than this (relative) are a tie: the tables print 4 digits
+TIE_REL = 5e-4
+
+
+def _g(x: float | None) -> str:
+    return "—" if x is None else f"{x:.4g}"
+
+
+def hyperparameters(row: dict[str, Any]) -> str:
+    """``lr=0.1, momentum=0.9``: every hyperparameter a row ran with (lr first)."""
+    hp = row.get("hyperparameters") or row.get("params")
+    if isinstance(hp, dict):
+        items = dict(hp)
+    else:
+        items = {}
+        if row.get("lr") is not None:
+            items["lr"] = row["lr"]
+        items.update(row.get("args") or {})
+    if "lr" in items:
+        items = {"lr": items.pop("lr"), **items}
+    return ", ".join(f"{k}={_g(v) if isinstance(v, float) else v}" for k, v in items.items()) or "defaults"
+
+
+def _mode(result: dict[str, Any]) -> str:
+    """``budget`` (tuned with equal budgets), ``sweep`` (--lr-sweep) or ``default``."""
+    cfg = result.get("config", {})
+    if cfg.get("budget"):
+        return "budget"
+    if cfg.get("lr_sweep"):
+        return "sweep"
+    return "default"
+
+
+def _ok(row: dict[str, Any]) -> bool:
+    """Ranked and finite: a diverged or failed row is never a winner."""
+    return (not row.get("error") and not row.get("diverged_seeds") and row.get("rank") is not None
+            and row.get("val_loss") is not None)
+
+
+def _score(entry: dict[str, Any], row: dict[str, Any]) -> float | None:
+    return row.get("metric") if entry.get("metric") else row.get("val_loss")
+
+
+def _spread(entry: dict[str, Any], row: dict[str, Any]) -> float | None:
+    key = "metric" if entry.get("metric") else "val_loss"
+    for k in (f"{key}_std", f"{key}_sd"):
+        if isinstance(row.get(k), (int, float)):
+            return float(row[k])
+    return None
+
+
+def tied(entry: dict[str, Any], a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """``a`` and ``b`` are indistinguishable: the same rank, or scores closer than the larger
+    seed spread (standard deviation over seeds), or than the printed precision without one."""
+    if a.get("rank") is not None and a.get("rank") == b.get("rank"):
+        return True
+    sa, sb = _score(entry, a), _score(entry, b)
+    if sa is None or sb is None:
+        return False
+    spread = max((s for s in (_spread(entry, a), _spread(entry, b)) if s is not None), default=None)
+    if spread is not None and spread > 0:
+        return abs(sa - sb) <= spread
+    return abs(sa - sb) <= TIE_REL * max(abs(sa), abs(sb), 1e-12)
+
+
+def edge_side(entry: dict[str, Any], row: dict[str, Any]) -> str | None:
+    """``"upper"``/``"lower"`` when the row's best lr lies on that edge of the range tried.
+
+    Read from the row when the runner marked it (``at_edge``/``edge``), else from the lr sweep
+    grid of the task."""
+    for k in ("at_edge", "edge", "best_at_edge"):
+        v = row.get(k)
+        if isinstance(v, str) and v:
+            return v
+        if isinstance(v, dict):  # {"lr": "upper"}
+            sides = [s for s in v.values() if s]
+            if sides:
+                return str(sides[0])
+        if v is True:
+            return "edge"
+    s = (entry.get("sweeps") or {}).get(row.get("optimizer"))
+    if not s or s.get("best_lr") is None:
+        return None
+    lrs = [g["lr"] for g in s.get("grid", []) if g.get("lr") is not None]
+    if len(lrs) < 2:
+        return None
+    if s["best_lr"] >= max(lrs):
+        return "upper"
+    if s["best_lr"] <= min(lrs):
+        return "lower"
+    return None
+
+
+def _overfits(row: dict[str, Any]) -> bool:
+    tr, va = row.get("train_loss"), row.get("val_loss")
+    if tr is None or va is None or not (math.isfinite(tr) and math.isfinite(va)):
+        return False
+    return va >= OVERFIT_RATIO * max(tr, 0.0) and va - tr >= OVERFIT_GAP
+
+
+def task_verdict(result: dict[str, Any], name: str) -> dict[str, Any]:
+    """The verdict of one task: ``{"winner", "tied", "text", "caveats"}``.
+
+    ``winner`` is None when no run finished; ``tied`` lists the labels indistinguishable from
+    the winner (the winner first)."""
+    entry = result["tasks"][name]
+    rows = [r for r in entry.get("results", []) if _ok(r)]
+    rows.sort(key=lambda r: r["rank"])
+    metric = entry.get("metric")
+    what = f"validation {metric}" if metric else "validation loss"
+    caveats: list[str] = []
+    if not rows:
+        n = len(entry.get("results", []))
+        return {"winner": None, "tied": [], "caveats": [],
+                "text": f"{name}: no recommendation: every run ({n} optimizer(s)) diverged or failed, so nothing "
+                        "is ranked. Lower the learning rates (or give a --budget so each optimizer's lr is "
+                        "searched) and run again."}
+    best = rows[0]
+    group = [best] + [r for r in rows[1:] if tied(entry, best, r)]
+    labels = [r["optimizer"] for r in group]
+    score = _score(entry, best)
+    extra = f" (validation loss {_g(best.get('val_loss'))})" if metric else ""
+    if len(group) > 1:
+        others = ", ".join(f"{r['optimizer']} {_g(_score(entry, r))}" for r in group[1:])
+        head = (f"{name}: use **{best['optimizer']}** or any of {', '.join(labels[1:])}: they tie on {what} "
+                f"({best['optimizer']} {_g(score)}, {others}; the difference is within "
+                f"{'the seed spread' if _spread(entry, best) else 'the printed precision'}).")
+    else:
+        head = f"{name}: use **{best['optimizer']}** ({hyperparameters(best)}): best {what}, {_g(score)}{extra}"
+        if len(rows) > 1:
+            nxt = rows[1]
+            head += f", ahead of {nxt['optimizer']} ({_g(_score(entry, nxt))})"
+        head += "."
+    stt = best.get("steps_to_target")
+    if entry.get("target") is not None and stt is not None:
+        reached = [r for r in rows[1:] if r.get("steps_to_target") is not None]
+        faster = [r for r in reached if r["steps_to_target"] < stt]
+        head += f" It reached the target ({_g(entry['target'])}) in {stt} steps"
+        head += (f"; {faster[0]['optimizer']} got there sooner ({faster[0]['steps_to_target']} steps)."
+                 if faster else ".")
+    failed = [r["optimizer"] for r in entry.get("results", []) if not _ok(r)]
+    if failed:
+        head += f" Not ranked (diverged or failed): {', '.join(failed)}."
+
+    mode = _mode(result)
+    if mode == "default":
+        caveats.append("ranked at each optimizer's default hyperparameters only: this measures how well each "
+                       "default suits this task, not how good the optimizer is once tuned (use --budget N)")
+    edges = [(r["optimizer"], side) for r in rows[: max(3, len(group))] if (side := edge_side(entry, r))]
+    if edges:
+        caveats.append("best lr on the edge of the range tried for "
+                       + ", ".join(f"{lab} ({side})" for lab, side in edges)
+                       + ": the range was too narrow, a value beyond it may do better")
+    if _overfits(best):
+        caveats.append(f"{best['optimizer']}'s training loss ({_g(best.get('train_loss'))}) is far below its "
+                       f"validation loss ({_g(best.get('val_loss'))}): it overfits; with regularisation or early "
+                       "stopping the ranking may change")
+    seeds = best.get("seeds") or result.get("config", {}).get("seeds")
+    if seeds == 1:
+        caveats.append("1 seed: differences smaller than run-to-run noise cannot be told apart")
+    if len(rows) == 1 and len(entry.get("results", [])) > 1:
+        caveats.append("only one optimizer finished")
+    text = head
+    if caveats:
+        text += " Caveats: " + "; ".join(caveats) + "."
+    return {"winner": best["optimizer"], "tied": labels if len(group) > 1 else [], "text": text,
+            "caveats": caveats}
+
+
+def verdict(result: dict[str, Any]) -> dict[str, Any]:
+    """Every task's verdict and, with several tasks, the overall one.
+
+    Returns ``{"text": str, "tasks": {name: task_verdict}, "overall": str | None}``; ``text``
+    is the whole verdict as paragraphs separated by blank lines (``**x**`` marks the pick)."""
+    tasks = {name: task_verdict(result, name) for name in result.get("tasks", {})}
+    overall = None
+    rows = [r for r in result.get("overall") or [] if r.get("rank") is not None]
+    if len(tasks) > 1:
+        if not rows:
+            overall = "Overall: no recommendation: no optimizer finished a task."
+        else:
+            top = rows[0]
+            same = [r for r in rows[1:] if r.get("mean_rank") == top.get("mean_rank")]
+            n = len(tasks)
+            how = f"mean rank {_g(top.get('mean_rank'))}, best on {top.get('wins', 0)} of {n} tasks"
+            if "profile_area" in top or "score" in top:
+                how = f"performance-profile score {_g(top.get('profile_area', top.get('score')))}; " + how
+            if same:
+                overall = (f"Overall: **{top['optimizer']}** and {', '.join(r['optimizer'] for r in same)} tie "
+                           f"({how}).")
+            else:
+                overall = f"Overall, across {n} tasks: **{top['optimizer']}** ({how})."
+            if _mode(result) == "default":
+                overall += " At default hyperparameters only."
+    paras = ([overall] if overall else []) + [v["text"] for v in tasks.values()]
+    return {"text": "\n\n".join(paras), "tasks": tasks, "overall": overall}
