@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from typing import Any
 
 import torch
@@ -188,6 +188,39 @@ def _base_part(state_dict: dict[str, Any]) -> dict[str, Any]:
     return base
 
 
+def _build_base(params: Any, optimizer: Any, lr: float | None, optimizer_args: Any,
+                base_kwargs: dict[str, Any]) -> torch.optim.Optimizer:
+    """The base optimizer of ``Lookahead(params, optimizer=..., lr=..., **kwargs)``, built by
+    :func:`optimkit.create_optimizer` (registry names, aliases, class paths; every argument
+    checked against the base's signature). Errors are re-raised naming Lookahead."""
+    if optimizer is None:
+        raise ValueError(
+            f"{_OWNER}: invalid base={type(params).__name__}; expected a constructed "
+            "torch.optim.Optimizer, or parameters with the base optimizer's name: "
+            "Lookahead(params, lr=..., optimizer='prodigy', k=5, **base_args)"
+        )
+    if optimizer_args is not None and not isinstance(optimizer_args, Mapping):
+        fail(_OWNER, "optimizer_args", optimizer_args, "a dict of the base optimizer's arguments")
+    args = dict(optimizer_args or {})
+    both = sorted(set(args) & set(base_kwargs))
+    if both:
+        raise ValueError(f"{_OWNER}: base argument(s) {both} given both in optimizer_args and as keywords")
+    args.update(base_kwargs)
+    if not isinstance(optimizer, (str, type)):
+        fail(_OWNER, "optimizer", optimizer, "an optimizer name ('prodigy', 'adamw', ...), class path or class")
+    from ..factory.create import create_optimizer  # the factory imports this module
+
+    try:
+        base = create_optimizer(optimizer, params, lr=lr, optimizer_args=args)
+    except ValueError as e:
+        raise ValueError(f"{_OWNER}(optimizer={optimizer!r}): {e}") from None
+    except TypeError as e:  # a third-party class that raises TypeError for a bad argument
+        raise ValueError(f"{_OWNER}(optimizer={optimizer!r}): {type(e).__name__}: {e}") from None
+    if isinstance(base, Lookahead):
+        raise ValueError(f"{_OWNER}: invalid optimizer={optimizer!r}; expected a base optimizer, not a Lookahead")
+    return base
+
+
 class Lookahead(torch.optim.Optimizer):
     r"""Wrap any ``torch.optim.Optimizer`` with Lookahead's slow weights.
 
@@ -198,8 +231,20 @@ class Lookahead(torch.optim.Optimizer):
     ``slow_momentum`` in Lookahead's store, the others in the base's, however they are
     written), and ``zero_grad`` / closures / ``add_param_group`` go to the base.
 
+    Two ways to build it:
+
+    * ``Lookahead(base, k=5, alpha=0.5)``: ``base`` is a constructed optimizer;
+    * ``Lookahead(params, lr=1.0, optimizer="prodigy", k=6, d_coef=2)``: ``params`` (an
+      ``nn.Module``, parameters or param groups) and the base optimizer's name; Lookahead builds
+      the base with :func:`optimkit.create_optimizer`. This is the ``cls(params, lr=lr,
+      **kwargs)`` form that trainers which import an optimizer by class path call (kohya-ss
+      sd-scripts: ``--optimizer_type optimkit.Lookahead --optimizer_args "optimizer='prodigy'"
+      "k=6" "d_coef=2"``). It is the same optimizer, and has the same ``state_dict``, as
+      ``Lookahead(Prodigy(params, lr=1.0, d_coef=2), k=6)``.
+
     Args:
-        base: the fast optimizer, already constructed (optimkit's, torch's, prodigyopt's, ...).
+        base: the fast optimizer, already constructed (optimkit's, torch's, prodigyopt's, ...);
+            or the parameters to build it over (then ``optimizer`` is required).
         k: synchronise every ``k`` base steps (integer ``>= 1``; ``k=1`` with ``alpha=1`` is the
             base optimizer unchanged).
         alpha: fraction of the way the slow weights move towards the fast weights at each
@@ -207,6 +252,21 @@ class Lookahead(torch.optim.Optimizer):
         pullback_momentum: what happens to the base's momentum at a synchronisation:
             ``"none"`` (keep), ``"reset"`` (zero it) or ``"pullback"`` (interpolate it towards
             its value at the previous synchronisation, like the weights).
+        optimizer: with parameters: the base optimizer, as a registry name or alias
+            (``"prodigy"``, ``"adamw"``), a class path (``"torch.optim.NAdam"``) or a class.
+        lr: with parameters: the base's learning rate (``None``: the registry's default, e.g.
+            1.0 for Prodigy).
+        optimizer_args: with parameters: more base arguments as a dict; needed only for a base
+            argument named like one of Lookahead's own (RMSprop's ``alpha``:
+            ``optimizer_args={"alpha": 0.9}``).
+        **base_kwargs: with parameters: the base optimizer's arguments (``d_coef=2``,
+            ``betas=(0.9, 0.99)``, ``state_dtype="bf16"``), checked and coerced by the factory.
+
+    Raises:
+        ValueError: ``k``, ``alpha`` or ``pullback_momentum`` out of range; a Lookahead as the
+            base; parameters without ``optimizer``; base arguments next to a constructed base;
+            an unknown or invalid base argument (the factory's message, prefixed with
+            ``Lookahead(optimizer=...)``). Nothing is built when it raises.
 
     ``state_dict()`` is the base's state_dict plus a ``"lookahead"`` entry (k, alpha, mode, the
     step counter, the slow tensors by parameter index): tensors, numbers and strings only, so
@@ -223,18 +283,32 @@ class Lookahead(torch.optim.Optimizer):
 
     def __init__(
         self,
-        base: torch.optim.Optimizer,
+        base: torch.optim.Optimizer | Iterable[Any],
         k: int = 5,
         alpha: float = 0.5,
         pullback_momentum: str = "none",
+        *,
+        optimizer: str | type | None = None,
+        lr: float | None = None,
+        optimizer_args: Mapping[str, Any] | None = None,
+        **base_kwargs: Any,
     ) -> None:
-        if not isinstance(base, torch.optim.Optimizer):
-            raise TypeError(
-                f"{_OWNER}: base must be a constructed torch.optim.Optimizer, got {type(base).__name__}"
-            )
-        if isinstance(base, Lookahead):
-            raise ValueError(f"{_OWNER}: base is already a Lookahead; nesting is not supported")
         _check_hparams(k, alpha, pullback_momentum)
+        if isinstance(base, torch.optim.Optimizer):
+            if isinstance(base, Lookahead):
+                raise ValueError(f"{_OWNER}: base is already a Lookahead; nesting is not supported")
+            given = ([f"optimizer={optimizer!r}"] if optimizer is not None else []) + (
+                [f"lr={lr!r}"] if lr is not None else []) + (
+                ["optimizer_args=..."] if optimizer_args else []) + sorted(base_kwargs)
+            if given:
+                raise ValueError(
+                    f"{_OWNER}: invalid {', '.join(given)} with a constructed base optimizer "
+                    f"({type(base).__name__}); expected them only when Lookahead is given parameters "
+                    "(Lookahead(params, lr=..., optimizer='prodigy', ...)): pass them to the base's "
+                    "constructor instead"
+                )
+        else:
+            base = _build_base(base, optimizer, lr, optimizer_args, base_kwargs)
         # torch.optim.Optimizer.__init__ is not called: it would build param_groups of its own,
         # and ours must be the base's list. Set up what the base class's methods rely on.
         self.base = base
