@@ -1,0 +1,73 @@
+"""Zero-tuning Prodigy presets, chosen from measurements: the data ``optimkit recommend
+--no-tuning`` and ``optimkit explain prodigy`` read.
+
+``CANDIDATES`` are the presets measured by ``benchmarks/presets.py``; ``NO_TUNING`` maps a kind
+of model to the chosen preset and the measurement behind it. The measure is the gap
+
+    gap = (L_preset - L_best) / (L_init - L_best)
+
+on the final training loss: the fraction of the progress of the best AdamW of a log lr grid
+(8 points, 3e-5 apart by half decades up to 0.3, picked by final training loss) that the
+preset, run once at lr=1, leaves undone. ``gap <= 0.01`` is the target (issue 13); a negative gap
+means the preset beat the tuned AdamW. The numbers are copied from the JSON file named in
+``EVIDENCE`` (``docs/presets-<date>.json``); docs/choosing.md shows the whole table and the
+command that produced it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["CANDIDATES", "NO_TUNING", "EVIDENCE", "TARGET_GAP", "NoTuningPreset", "no_tuning_preset"]
+
+#: the candidate presets: name -> Prodigy constructor arguments (lr=1.0 in every one)
+CANDIDATES: dict[str, dict[str, Any]] = {
+    "default": {},
+    "bc_sw": {"use_bias_correction": True, "safeguard_warmup": True},
+    "betas_0.99": {"betas": (0.9, 0.99)},
+    "wd_0.01": {"weight_decay": 0.01},  # decouple=True, Prodigy's default: AdamW-style decay
+    "split": {"split_groups": True},  # each param group estimates its own d
+}
+
+#: where the numbers below come from (written by benchmarks/presets.py)
+EVIDENCE = "docs/presets-2026-11-30.json"
+#: the target of issue 13 for the gap on every task
+TARGET_GAP = 0.01
+
+
+@dataclass(frozen=True)
+class NoTuningPreset:
+    """The preset for one kind of model, with the measurement that chose it."""
+
+    preset: str  # a key of CANDIDATES
+    tasks: tuple[str, ...]  # compare tasks of this kind it was measured on ((): none)
+    gaps: dict[str, float] = field(default_factory=dict)  # task -> measured gap of this preset
+    note: str = ""
+
+    @property
+    def args(self) -> dict[str, Any]:
+        """Prodigy's constructor arguments: ``lr=1.0`` plus the preset's."""
+        return {"lr": 1.0, **CANDIDATES[self.preset]}
+
+    @property
+    def worst_gap(self) -> float | None:
+        return max(self.gaps.values()) if self.gaps else None
+
+
+#: kind of model ("any": no kind given, or a kind no task measures) -> preset
+NO_TUNING: dict[str, NoTuningPreset] = {
+    "any": NoTuningPreset("default", ()),
+}
+
+
+def no_tuning_preset(model: str | None = None, sparse: bool = False, fine_tune: bool = False) -> tuple[str, NoTuningPreset]:
+    """The measured preset for these traits, and the table key it came from.
+
+    Precedence: ``fine_tune`` (its own row when measured), then ``sparse``, then the model kind,
+    then ``"any"`` (the preset with the smallest worst gap over every task).
+    """
+    for key, wanted in (("fine_tune", fine_tune), ("sparse", sparse), (model, model is not None)):
+        if wanted and key in NO_TUNING:
+            return key, NO_TUNING[key]
+    return "any", NO_TUNING["any"]
