@@ -323,7 +323,7 @@ def _worker(storage: str | None, study_name: str, wait_s: float = 600.0) -> int:
 
     import torch
 
-    from .compare.study import TaskCache, _optuna, open_storage, work
+    from .compare.study import TaskCache, _optuna, load, open_storage, work
 
     if not storage:
         raise UsageError("--worker needs --storage URL (or the --out folder of a running comparison)")
@@ -333,7 +333,7 @@ def _worker(storage: str | None, study_name: str, wait_s: float = 600.0) -> int:
     deadline = time.monotonic() + wait_s
     while True:  # the coordinator may not have created the study yet
         try:
-            study = optuna.load_study(study_name=study_name, storage=st)
+            study = load(study_name, st)
             meta = study.user_attrs.get("meta")
             if meta is not None:
                 break

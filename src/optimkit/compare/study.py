@@ -28,6 +28,7 @@ half-written last line that replay ignores. ``--storage postgresql://...`` uses 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -116,7 +117,8 @@ class Point:
     bounds: dict[str, tuple[float, float]]
 
 
-def unit_cube_points(n: int, dims: int, seed: int = 0) -> list[list[float]]:
+@functools.lru_cache(maxsize=32)
+def unit_cube_points(n: int, dims: int, seed: int = 0) -> tuple[tuple[float, ...], ...]:
     """``n`` points of Optuna's scrambled-Sobol ``QMCSampler`` in [0, 1]^dims (deterministic)."""
     optuna = _optuna()
     study = optuna.create_study(sampler=optuna.samplers.QMCSampler(qmc_type="sobol", scramble=True, seed=seed))
@@ -124,9 +126,9 @@ def unit_cube_points(n: int, dims: int, seed: int = 0) -> list[list[float]]:
     out = []
     for _ in range(n):
         t = study.ask(dist)
-        out.append([t.params[f"u{i}"] for i in range(dims)])
+        out.append(tuple(t.params[f"u{i}"] for i in range(dims)))
         study.tell(t, 0.0)
-    return out
+    return tuple(out)
 
 
 def _scale(u: float, lo: float, hi: float) -> float:
@@ -371,7 +373,7 @@ def _worker_process(url: str, study_name: str, meta: dict[str, Any], device: str
     torch.set_num_threads(1)  # one thread per worker: the workers are the parallelism
     try:
         optuna = _optuna()
-        study = optuna.load_study(study_name=study_name, storage=open_storage(url))
+        study = load(study_name, open_storage(url))
         cache = TaskCache(meta, torch.device(device), _INHERITED_TASKS)
         work(study, cache, done.is_set, queue.put)
     except KeyboardInterrupt:
@@ -399,6 +401,12 @@ def start_workers(n: int, url: str, study_name: str, meta: dict[str, Any], devic
     for p in procs:
         p.start()
     return procs, queue, done
+
+
+def load(study_name: str, storage: Any) -> Any:
+    """Load a comparison's study with a sampler that never runs: every trial is enqueued fixed."""
+    optuna = _optuna()
+    return optuna.load_study(study_name=study_name, storage=storage, sampler=optuna.samplers.RandomSampler(seed=0))
 
 
 def stable_seed(*parts: str) -> int:

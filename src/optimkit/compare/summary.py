@@ -438,7 +438,11 @@ def build_result(meta: dict[str, Any], trials: list[Any], *, wall_time_s: float 
                 "diverged": run["diverged"] if run else None, "duration_s": a.get("duration_s"),
                 "error": a.get("error"), "where": a.get("where"), "worker": a.get("worker"),
             })
-    trial_rows.sort(key=lambda r: r["trial"])
+    # plan order, not trial number: round 2 is enqueued when round 1 is in, so numbers depend
+    # on completion order, and the list must not differ between --jobs 1 and --jobs 2
+    t_i = {n: i for i, n in enumerate(meta["tasks"])}
+    o_i = {n: i for i, n in enumerate(labels)}
+    trial_rows.sort(key=lambda r: (t_i.get(r["task"], 0), o_i.get(r["optimizer"], 0), r["point"], r["seed"], r["trial"]))
     skipped = {r["optimizer"]: r["error"] for r in trial_rows if r["error"] and r["error"].startswith("not implemented")}
     failures = [{k: r[k] for k in ("task", "optimizer", "seed", "hyperparameters", "error", "where")}
                 for r in trial_rows if r["state"] == "FAIL" and r["optimizer"] not in skipped]
