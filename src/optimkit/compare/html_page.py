@@ -29,13 +29,15 @@ h1{font-size:1.6em;margin:0.3em 0}h2{font-size:1.3em;margin-top:1.6em;border-bot
 .scroll{overflow-x:auto;-webkit-overflow-scrolling:touch;max-width:100%;margin:0.5em 0 1em}
 table{border-collapse:collapse;font-variant-numeric:tabular-nums}
 td,th{border:1px solid #ccc;padding:3px 8px;text-align:right;white-space:nowrap;vertical-align:top}
+th{white-space:normal;min-width:3.5em;vertical-align:bottom}
 td.l,th.l{text-align:left}td.wrap{white-space:normal;min-width:14em;max-width:40em}
 th{background:#f3f3f3;position:sticky;top:0}
 tr.unranked td{color:#888}
 img{max-width:100%;height:auto;border:1px solid #eee;display:block;margin:0.5em 0}
 pre{background:#f6f6f6;border:1px solid #e3e3e3;padding:0.6em;overflow-x:auto;white-space:pre;font-size:90%}
 .small{color:#666;font-size:90%}
-code{font-size:92%}
+code{font-size:92%;overflow-wrap:anywhere}
+details.hp{margin:0.5em 0 1em}details.hp summary{cursor:pointer;font-weight:600}details.hp li{margin:0.3em 0}
 @media (max-width:700px){body{padding:0.6em 0.7em 2em;font-size:15px}td,th{padding:2px 5px}h1{font-size:1.35em}}
 """
 
@@ -110,24 +112,22 @@ def _verdict_html(result: dict[str, Any]) -> str:
     return f"<section class='verdict' id='verdict'><h2 style='border:0;margin:0.2em 0'>Verdict</h2>{paras}</section>"
 
 
-def _hparams_table(entry: dict[str, Any]) -> str:
-    """Every row's full hyperparameters (all constructor arguments), one line per row."""
-    from .report import Col
-
+def _hparams_list(entry: dict[str, Any]) -> str:
+    """Every row's full hyperparameters (all constructor arguments), as a wrapping list: a table
+    column of long argument lists is unreadable on a phone."""
     rows = entry.get("results", [])
     if not rows:
         return ""
-    labels, kinds, hps = [], [], []
+    items = []
     for r in rows:
         hp = r.get("hyperparameters")
         if not isinstance(hp, dict):
             hp = {"lr": r.get("lr"), **(r.get("args") or {})}
-        labels.append(str(r.get("optimizer")))
-        kinds.append(str(r.get("kind", "default")))
-        hps.append(", ".join(f"{k}={fmt(v, 4) if isinstance(v, float) else v}" for k, v in hp.items()) or "—")
-    cols = [Col("optimizer", labels, text=True, left=True), Col("row", kinds, text=True, left=True),
-            Col("hyperparameters (every constructor argument)", hps, text=True, left=True)]
-    return "<h3>Hyperparameters of every row</h3>" + _table(cols)
+        text = ", ".join(f"{k}={fmt(v, 4) if isinstance(v, float) else v}" for k, v in hp.items()) or "—"
+        kind = f" <span class='small'>({_e(r['kind'])})</span>" if r.get("kind") else ""
+        items.append(f"<li><strong>{_e(r.get('optimizer'))}</strong>{kind}: <code>{_e(text)}</code></li>")
+    return ("<details class='hp'><summary>Hyperparameters of every row (every constructor argument)</summary>"
+            f"<ul>{''.join(items)}</ul></details>")
 
 
 def render_html(result: dict[str, Any], files: dict[str, str], x_axis: str = "step") -> str:
@@ -194,7 +194,7 @@ def render_html(result: dict[str, Any], files: dict[str, str], x_axis: str = "st
                          + _img(files[f"loss_{name}"], f"loss curves of {name}"))
         if entry.get("sweeps") and not any(r.get("kind") == "best" for r in entry.get("results", [])):
             parts.append("<h3>Learning-rate sweep</h3>" + _table(_sweep_cols(entry)))
-        parts.append(_hparams_table(entry))
+        parts.append(_hparams_list(entry))
     if "lr_sweep" in files:
         parts.append("<h2>Sensitivity to the tuned value</h2><p class='small'>Final validation loss of every point "
                      "tried; a flat curve means the optimizer is forgiving.</p>"

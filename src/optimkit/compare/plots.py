@@ -30,7 +30,7 @@ DPI = 100
 LOSS_FIGSIZE = (14.0, 4.2)  # inches: 1400 x 420 px at DPI
 PRODIGY_FIGSIZE = (12.0, 4.0)
 SWEEP_PANEL = (4.2, 3.6)
-PROFILE_FIGSIZE = (8.0, 4.0)
+PROFILE_FIGSIZE = (8.0, 4.6)
 
 # 4 line styles x 10 markers: with tab10's 10 colours, two labels share a colour only past 10
 # and never share the (colour, style, marker) triple below 40.
@@ -304,19 +304,25 @@ def plot_profile(profiles: dict[str, Any], palette: dict[str, Any], path: Path) 
     if len(tau) < 2 or not panels:
         return False
     n_tasks = len(profiles.get("tasks") or [])
-    fig, axes = plt.subplots(1, len(panels), figsize=PROFILE_FIGSIZE if len(panels) == 1 else (12.0, 4.0), dpi=DPI,
+    fig, axes = plt.subplots(1, len(panels), figsize=PROFILE_FIGSIZE if len(panels) == 1 else (12.0, 4.6), dpi=DPI,
                              layout="constrained", squeeze=False)
     fig.suptitle(f"performance profiles over {n_tasks} task(s): fraction of tasks that reach the target within "
-                 "tau x the best optimizer (higher and further left is better; score = area, 1 = always fastest)",
-                 fontsize=9)
-    for ax, (key, what, area_key) in zip(axes[0], panels):
-        for i, (lab, rho) in enumerate(profiles[key].items()):
+                 "tau x the best optimizer's steps / time\n(higher and further left is better; score = area under "
+                 "the curve, 1 = fastest on every task)", fontsize=9)
+    labels = list(dict.fromkeys(lab for key, _, _ in panels for lab in profiles[key]))
+
+    def name(lab: str) -> str:
+        scores = [f"{k} {profiles[a][lab]:.2f}" for k, _, a in panels
+                  if isinstance((profiles.get(a) or {}).get(lab), (int, float))]
+        return f"{lab} ({', '.join(scores)})" if scores else lab
+
+    for ax, (key, what, _area_key) in zip(axes[0], panels):
+        for i, lab in enumerate(labels):
+            rho = profiles[key].get(lab)
             if not rho or len(rho) != len(tau):
                 continue
-            score = (profiles.get(area_key) or {}).get(lab)
-            name = f"{lab} ({score:.2f})" if isinstance(score, (int, float)) else lab
             ax.step(tau, [math.nan if r is None else r for r in rho], where="post", color=palette.get(lab), lw=1.6,
-                    label=name, **_line_kw(i, len(profiles[key]), len(tau)))
+                    label=name(lab), **_line_kw(i, len(labels), len(tau)))
         ax.set_xscale("log")
         ax.set_xlim(tau[0], tau[-1])
         ax.set_ylim(-0.03, 1.03)
@@ -325,7 +331,10 @@ def plot_profile(profiles: dict[str, Any], palette: dict[str, Any], path: Path) 
         ax.set_ylabel("fraction of tasks")
         ax.set_title(what, fontsize=10)
         ax.grid(True, which="both", alpha=0.25)
-        ax.legend(fontsize=7, title="optimizer (score)", title_fontsize=7, loc="lower right")
+    handles, names = axes[0][0].get_legend_handles_labels()
+    # below the panels: at the upper right the legend would cover the two-line title
+    fig.legend(handles, names, loc="outside lower center", ncols=min(4, max(1, len(names))), fontsize=8,
+               title="optimizer (score)", title_fontsize=8)
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return True

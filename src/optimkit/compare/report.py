@@ -51,6 +51,14 @@ def fmt(x: Any, digits: int = 4) -> str:
     return str(x)
 
 
+def _pm_col(head: str, rows: list[dict[str, Any]], key: str, prio: int, short: str | None = None,
+            ok: Any = None) -> Col:
+    """A ``mean±sd`` column whose narrow form drops the spread."""
+    ok = ok or (lambda r: True)
+    return Col(head, [fmt_pm(r.get(key), r.get(f"{key}_std")) if ok(r) else "—" for r in rows], prio, short=short,
+               short_cells=[fmt(r.get(key)) if ok(r) else "—" for r in rows])
+
+
 def fmt_pm(x: Any, sd: Any, digits: int = 4) -> str:
     """``mean±sd`` (no spaces: one unbreakable cell); the mean alone without a spread."""
     if x is None or sd is None or not isinstance(sd, (int, float)) or not math.isfinite(sd) or sd == 0:
@@ -68,6 +76,7 @@ class Col:
     text: bool = False  # free text (may wrap at a space); numbers never wrap
     short: str | None = None  # header for a narrow terminal
     left: bool = False
+    short_cells: list[str] | None = None  # cells for a narrow terminal (the mean without its spread)
 
 
 # ----------------------------------------------------------------------------- columns
@@ -95,14 +104,15 @@ def _target_head(entry: dict[str, Any]) -> tuple[str, str]:
 
 
 def _note(r: dict[str, Any]) -> str:
+    """Short remarks on a row (the verdict explains them in full)."""
     parts = []
     if r.get("error"):
         where = f" at {r['where']}" if r.get("where") else ""
         parts.append(f"failed: {r['error']}{where}" if r.get("failed_seeds") else f"{r['error']}{where}")
     if r.get("diverged_seeds"):
-        parts.append(f"diverged ({r['diverged_seeds']}/{r.get('seeds', '?')} seeds)")
+        parts.append(f"diverged {r['diverged_seeds']}/{(r.get('seeds') or 0) + (r.get('failed_seeds') or 0) or '?'}")
     if r.get("edge"):
-        parts.append(f"best {r.get('edge_param') or 'lr'} at the {r['edge']} edge")
+        parts.append(f"{r.get('edge_param') or 'lr'} at {r['edge']} edge")
     if "overfit" in (r.get("flags") or []):
         parts.append("overfits")
     return "; ".join(parts)
@@ -123,26 +133,21 @@ def _task_cols(entry: dict[str, Any], mode: str = "default") -> list[Col]:
     if mode == "budget" and any(r.get("kind") == "best" for r in entry.get("results", [])):
         return _budget_cols(entry)
     rows = _rows_of(entry, "default")
-    ok = [r for r in rows if not r.get("error") or r.get("val_loss") is not None]
+    def ok(r: dict[str, Any]) -> bool:
+        return not r.get("error") or r.get("val_loss") is not None
 
-    def cells(key: str, digits: int = 4, sd: bool = False) -> list[str]:
-        out = []
-        for r in rows:
-            if r not in ok:
-                out.append("—")
-            else:
-                out.append(fmt_pm(r.get(key), r.get(f"{key}_std"), digits) if sd else fmt(r.get(key), digits))
-        return out
+    def cells(key: str, digits: int = 4) -> list[str]:
+        return [fmt(r.get(key), digits) if ok(r) else "—" for r in rows]
 
     cols = [
         Col("#", [fmt(r.get("rank")) for r in rows], 0),
         Col("optimizer", [str(r.get("optimizer")) for r in rows], 0, text=True, left=True),
         Col("lr", [fmt(r.get("lr"), 3) for r in rows], 4),
-        Col("train loss", cells("train_loss", sd=True), 6, short="train"),
-        Col("val loss", cells("val_loss", sd=True), 1 if not metric else 3, short="val"),
+        _pm_col("train loss", rows, "train_loss", 6, "train", ok),
+        _pm_col("val loss", rows, "val_loss", 1 if not metric else 3, "val", ok),
     ]
     if mh:
-        cols.append(Col(mh, cells("metric", sd=True), 1, short=_abbrev(metric)))
+        cols.append(_pm_col(mh, rows, "metric", 1, _abbrev(metric), ok))
     cols += [
         Col(th, cells("steps_to_target"), 2, short=ts),
         Col("ms/step", cells("ms_per_step", 3), 7, short="ms"),
@@ -161,7 +166,7 @@ def _tuned_text(r: dict[str, Any]) -> str:
     tuned = r.get("tuned")
     if not isinstance(tuned, dict) or not tuned:
         return fmt(r.get("lr"), 3) if r.get("lr") is not None else "—"
-    return ",".join(f"{k}={fmt(v, 3)}" for k, v in tuned.items())
+    return ", ".join(f"{k}={fmt(v, 3)}" for k, v in tuned.items())  # wraps between values only
 
 
 def _budget_cols(entry: dict[str, Any]) -> list[Col]:
@@ -188,11 +193,9 @@ def _budget_cols(entry: dict[str, Any]) -> list[Col]:
     cols = [
         Col("#", [fmt(r.get("rank")) for r in best], 0),
         Col("optimizer", [str(r.get("optimizer")) for r in best], 0, text=True, left=True),
-        Col(f"default {_metric_head(entry) or 'val loss'}",
-            [fmt_pm(default.get(r.get("optimizer"), {}).get(key),
-                    default.get(r.get("optimizer"), {}).get(f"{key}_std")) for r in best], 2, short=f"dflt {what}"),
-        Col(f"tuned {_metric_head(entry) or 'val loss'}", [fmt_pm(r.get(key), r.get(f"{key}_std")) for r in best], 0,
-            short=f"tuned {what}"),
+        _pm_col(f"default {_metric_head(entry) or 'val loss'}", [default.get(r.get("optimizer"), {}) for r in best],
+                key, 2, f"dflt {what}"),
+        _pm_col(f"tuned {_metric_head(entry) or 'val loss'}", best, key, 0, f"tuned {what}"),
         Col("tuned value", [_tuned_text(r) for r in best], 1, text=True, left=True, short="tuned"),
         Col("points within 10% of best", [g for g, _, _ in sx], 4, short="good"),
         Col("good range", [w for _, w, _ in sx], 5, short="range"),
@@ -220,7 +223,7 @@ def _overall_cols(result: dict[str, Any]) -> list[Col]:
         cols.append(Col("profile score (steps)", [fmt(r.get("profile_area"), 3) for r in rows], 1, short="profile"))
     if any(r.get("profile_area_time") is not None for r in rows):
         cols.append(Col("profile score (time)", [fmt(r.get("profile_area_time"), 3) for r in rows], 6,
-                        short="prof t"))
+                        short="time prof"))
     cols += [Col("mean rank", [fmt(r.get("mean_rank"), 3) for r in rows], 1, short="mean"),
              Col("wins", [fmt(r.get("wins")) for r in rows], 2)]
     if any("reached" in r for r in rows):
@@ -280,20 +283,24 @@ def table_title(result: dict[str, Any], name: str) -> str:
 
 
 # ----------------------------------------------------------------------------- fitting
-_MIN_TEXT = 10  # a text column folds, but not narrower than this
+
+
+def _cells(c: Col, style: str) -> list[str]:
+    return c.short_cells if style == "short" and c.short_cells is not None else c.cells
 
 
 def _col_width(c: Col, style: str) -> int:
     """Characters a column needs in a layout ``style``: ``full`` (headers on one line),
-    ``wrap`` (headers wrap at spaces) or ``short`` (short headers, wrapping; text folds down to
-    ``_MIN_TEXT``)."""
-    cell_w = max((len(x) for x in c.cells), default=1)
+    ``wrap`` (headers wrap at spaces) or ``short`` (short headers and cells; text wraps at
+    spaces, so no word, e.g. ``lr=0.05``, is ever split)."""
+    cells = _cells(c, style)
+    cell_w = max((len(x) for x in cells), default=1)
     if style == "full":
         return max(len(c.head), cell_w)
     head = (c.short or c.head) if style == "short" else c.head
     head_w = max((len(w) for w in head.split()), default=1)
     if c.text and style == "short":
-        cell_w = min(cell_w, _MIN_TEXT)
+        cell_w = max((len(w) for x in cells for w in x.split()), default=1)
     return max(head_w, cell_w)
 
 
@@ -326,16 +333,26 @@ def _rich_table(title: str, cols: list[Col], width: int) -> Any:
     from rich.table import Table
 
     shown, style = fit_columns(cols, width)
+    widths = [_col_width(c, style) for c in shown]
+    if style != "full":
+        # the room left goes to the text columns, rightmost (the note) first, so that they
+        # wrap onto fewer lines
+        slack = width - _table_width(shown, style)
+        for i in reversed(range(len(shown))):
+            if shown[i].text and slack > 0:
+                natural = max((len(x) for x in _cells(shown[i], style)), default=1)
+                extra = min(slack, max(0, natural - widths[i]))
+                widths[i] += extra
+                slack -= extra
     t = Table(title=title, box=box.ROUNDED, title_justify="left")
-    for c in shown:
+    for c, w in zip(shown, widths):
         # a wrapped table gets the exact widths fit_columns counted on (rich would otherwise
         # shrink whichever column it likes, e.g. fold a label while a header keeps its width)
         t.add_column((c.short or c.head) if style == "short" else c.head, justify="left" if c.left else "right",
-                     overflow="fold", width=None if style == "full" else _col_width(c, style),
-                     no_wrap=not c.text and style == "full")
+                     overflow="fold", width=None if style == "full" else w, no_wrap=not c.text and style == "full")
     n = max((len(c.cells) for c in shown), default=0)
     for i in range(n):
-        t.add_row(*[c.cells[i] for c in shown])
+        t.add_row(*[_cells(c, style)[i] for c in shown])
     return t
 
 

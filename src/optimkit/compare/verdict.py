@@ -28,16 +28,20 @@ def _g(x: float | None) -> str:
     return "—" if x is None else f"{x:.4g}"
 
 
-def hyperparameters(row: dict[str, Any]) -> str:
-    """``lr=0.1, momentum=0.9``: every hyperparameter a row ran with (lr first)."""
-    hp = row.get("hyperparameters") or row.get("params")
-    if isinstance(hp, dict):
+def hyperparameters(row: dict[str, Any], full: bool = False) -> str:
+    """``lr=0.1, momentum=0.9``: what a row ran with, lr first.
+
+    By default the values that matter to a reader: lr, the arguments given in the spec and the
+    tuned values; ``full=True``: every constructor argument (``row["hyperparameters"]``)."""
+    hp = row.get("hyperparameters")
+    if full and isinstance(hp, dict):
         items = dict(hp)
     else:
         items = {}
         if row.get("lr") is not None:
             items["lr"] = row["lr"]
         items.update(row.get("args") or {})
+        items.update(row.get("tuned") or {})
     if "lr" in items:
         items = {"lr": items.pop("lr"), **items}
     return ", ".join(f"{k}={_g(v) if isinstance(v, float) else v}" for k, v in items.items()) or "defaults"
@@ -90,7 +94,9 @@ def edge_side(entry: dict[str, Any], row: dict[str, Any]) -> str | None:
 
     Read from the row when the runner marked it (``at_edge``/``edge``), else from the lr sweep
     grid of the task."""
-    for k in ("at_edge", "edge", "best_at_edge"):
+    if "edge" in row:  # schema 2: the runner decided, after its extension round
+        return row["edge"] or None
+    for k in ("at_edge", "best_at_edge"):
         v = row.get(k)
         if isinstance(v, str) and v:
             return v
@@ -114,6 +120,8 @@ def edge_side(entry: dict[str, Any], row: dict[str, Any]) -> str | None:
 
 
 def _overfits(row: dict[str, Any]) -> bool:
+    if isinstance(row.get("flags"), list):  # schema 2: the runner's rule
+        return "overfit" in row["flags"]
     tr, va = row.get("train_loss"), row.get("val_loss")
     if tr is None or va is None or not (math.isfinite(tr) and math.isfinite(va)):
         return False
@@ -126,13 +134,15 @@ def task_verdict(result: dict[str, Any], name: str) -> dict[str, Any]:
     ``winner`` is None when no run finished; ``tied`` lists the labels indistinguishable from
     the winner (the winner first)."""
     entry = result["tasks"][name]
-    rows = [r for r in entry.get("results", []) if _ok(r)]
+    kind = entry.get("ranked_kind")
+    every = [r for r in entry.get("results", []) if kind is None or r.get("kind", kind) == kind]
+    rows = [r for r in every if _ok(r)]
     rows.sort(key=lambda r: r["rank"])
     metric = entry.get("metric")
     what = f"validation {metric}" if metric else "validation loss"
     caveats: list[str] = []
     if not rows:
-        n = len(entry.get("results", []))
+        n = len(every)
         return {"winner": None, "tied": [], "caveats": [],
                 "text": f"{name}: no recommendation: every run ({n} optimizer(s)) diverged or failed, so nothing "
                         "is ranked. Lower the learning rates (or give a --budget so each optimizer's lr is "
@@ -143,24 +153,29 @@ def task_verdict(result: dict[str, Any], name: str) -> dict[str, Any]:
     score = _score(entry, best)
     extra = f" (validation loss {_g(best.get('val_loss'))})" if metric else ""
     if len(group) > 1:
-        others = ", ".join(f"{r['optimizer']} {_g(_score(entry, r))}" for r in group[1:])
-        head = (f"{name}: use **{best['optimizer']}** or any of {', '.join(labels[1:])}: they tie on {what} "
-                f"({best['optimizer']} {_g(score)}, {others}; the difference is within "
-                f"{'the seed spread' if _spread(entry, best) else 'the printed precision'}).")
+        why = "the seed spread" if _spread(entry, best) else "the printed precision"
+        vals = ", ".join(f"{r['optimizer']} {_g(_score(entry, r))}" for r in group)
+        head = (f"{name}: use **{best['optimizer']}** ({hyperparameters(best)}) or "
+                f"{' or '.join(labels[1:])}: they tie on {what} ({vals}; the differences are within {why}).")
     else:
         head = f"{name}: use **{best['optimizer']}** ({hyperparameters(best)}): best {what}, {_g(score)}{extra}"
         if len(rows) > 1:
             nxt = rows[1]
             head += f", ahead of {nxt['optimizer']} ({_g(_score(entry, nxt))})"
         head += "."
+    dflt = next((r for r in entry.get("results", []) if r.get("kind") == "default"
+                 and r.get("optimizer") == best["optimizer"]), None)
+    if kind == "best" and dflt is not None and _score(entry, dflt) is not None:
+        head += f" At its default setting it scored {_g(_score(entry, dflt))}."
     stt = best.get("steps_to_target")
     if entry.get("target") is not None and stt is not None:
         reached = [r for r in rows[1:] if r.get("steps_to_target") is not None]
         faster = [r for r in reached if r["steps_to_target"] < stt]
-        head += f" It reached the target ({_g(entry['target'])}) in {stt} steps"
+        head += (f" It met the target ({_g(entry['target'])}) from the start" if stt == 0 else
+                 f" It reached the target ({_g(entry['target'])}) in {stt} steps")
         head += (f"; {faster[0]['optimizer']} got there sooner ({faster[0]['steps_to_target']} steps)."
                  if faster else ".")
-    failed = [r["optimizer"] for r in entry.get("results", []) if not _ok(r)]
+    failed = [r["optimizer"] for r in every if not _ok(r)]
     if failed:
         head += f" Not ranked (diverged or failed): {', '.join(failed)}."
 
@@ -180,7 +195,7 @@ def task_verdict(result: dict[str, Any], name: str) -> dict[str, Any]:
     seeds = best.get("seeds") or result.get("config", {}).get("seeds")
     if seeds == 1:
         caveats.append("1 seed: differences smaller than run-to-run noise cannot be told apart")
-    if len(rows) == 1 and len(entry.get("results", [])) > 1:
+    if len(rows) == 1 and len(every) > 1:
         caveats.append("only one optimizer finished")
     text = head
     if caveats:
@@ -202,16 +217,23 @@ def verdict(result: dict[str, Any]) -> dict[str, Any]:
             overall = "Overall: no recommendation: no optimizer finished a task."
         else:
             top = rows[0]
-            same = [r for r in rows[1:] if r.get("mean_rank") == top.get("mean_rank")]
+            same = [r for r in rows[1:] if r.get("rank") == top.get("rank")]
             n = len(tasks)
             how = f"mean rank {_g(top.get('mean_rank'))}, best on {top.get('wins', 0)} of {n} tasks"
-            if "profile_area" in top or "score" in top:
-                how = f"performance-profile score {_g(top.get('profile_area', top.get('score')))}; " + how
+            if top.get("profile_area") is not None:
+                how = (f"performance-profile score {_g(top['profile_area'])} of 1 (1: the fewest steps to the target "
+                       "on every task); " + how)
             if same:
                 overall = (f"Overall: **{top['optimizer']}** and {', '.join(r['optimizer'] for r in same)} tie "
                            f"({how}).")
             else:
                 overall = f"Overall, across {n} tasks: **{top['optimizer']}** ({how})."
+            by_rank = min(rows, key=lambda r: (r.get("mean_rank") is None, r.get("mean_rank") or 0.0))
+            if top.get("profile_area") is not None and by_rank is not top and \
+                    by_rank.get("mean_rank") != top.get("mean_rank"):
+                overall += (f" By final {'metric' if any(e.get('metric') for e in result['tasks'].values()) else 'loss'}"
+                            f" instead, {by_rank['optimizer']} has the best mean rank ({_g(by_rank.get('mean_rank'))}):"
+                            " faster to the target is not the same as better at the end.")
             if _mode(result) == "default":
                 overall += " At default hyperparameters only."
     paras = ([overall] if overall else []) + [v["text"] for v in tasks.values()]
