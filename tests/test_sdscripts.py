@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import importlib
 import inspect
+import sys
 import warnings
 
 import pytest
@@ -265,3 +266,46 @@ def test_diffusers_prodigy_call_pattern() -> None:
     assert opt.param_groups[1]["weight_decay"] == 1e-3 and opt.param_groups[0]["d"] > 1e-6
     assert set(inspect.signature(Prodigy).parameters) >= {
         "lr", "betas", "beta3", "weight_decay", "eps", "decouple", "use_bias_correction", "safeguard_warmup"}
+
+
+def test_onetrainer_prodigy_call_pattern() -> None:
+    """OneTrainer calls prodigyopt.Prodigy with ``params=`` by keyword and these arguments."""
+    model = _model()
+    opt = Prodigy(params=model.parameters(), lr=1.0, betas=(0.9, 0.999), beta3=None, eps=1e-8,
+                  weight_decay=0.0, decouple=True, use_bias_correction=False, safeguard_warmup=False,
+                  d0=1e-6, d_coef=1.0, growth_rate=float("inf"), fsdp_in_use=False, slice_p=1)
+    _train(model, opt, 2)
+    assert opt.param_groups[0]["k"] == 2
+
+
+def _docs_block(marker: str) -> str:
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "integrations.md").read_text(encoding="utf-8")
+    after = page[page.index(marker):]
+    start = after.index("```python\n") + len("```python\n")
+    return after[start: after.index("```", start)]
+
+
+def test_docs_logging_module_through_sd_scripts(tmp_path, monkeypatch) -> None:
+    """The ``optimkit_logged.py`` of docs/integrations.md, loaded as sd-scripts loads it, writes
+    ``lr/d*lr/group<i>`` to TensorBoard after every step."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (tmp_path / "optimkit_logged.py").write_text(_docs_block("<!-- optimkit_logged.py"), encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    logdir = tmp_path / "logs"
+    model = _model()
+    name, _, opt = sd_scripts_get_optimizer("optimkit_logged.Prodigy", ["d_coef=2", f"logdir={str(logdir)!r}"],
+                                            1.0, _lora_groups(model))
+    assert name == "optimkit_logged.Prodigy" and isinstance(opt, Prodigy)
+    _train(model, opt, 4)
+    opt.writer.flush()
+    acc = EventAccumulator(str(logdir))
+    acc.Reload()
+    assert {"lr/d*lr/group0", "lr/d*lr/group1", "lr/effective_lr/group0"} <= set(acc.Tags()["scalars"])
+    events = acc.Scalars("lr/d*lr/group1")
+    assert [e.step for e in events] == [1, 2, 3, 4]
+    assert events[-1].value == pytest.approx(opt.param_groups[1]["d"] * opt.param_groups[1]["lr"])
+    sys.modules.pop("optimkit_logged", None)

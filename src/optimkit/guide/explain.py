@@ -12,6 +12,7 @@ import textwrap
 from typing import Any
 
 from ..factory import REGISTRY, OptimizerSpec
+from .presets import preset_lines
 from .rules import CORRECTIONS
 
 __all__ = ["render_text", "render_markdown", "render_index", "default_text"]
@@ -66,6 +67,9 @@ def render_text(spec: OptimizerSpec) -> str:
                         ("Often gotten wrong", CORRECTIONS.get(spec.name, ""))):
         if text:
             out += ["", f"{title}:", _wrap(text, "  ")]
+    if spec.name == "prodigy":
+        out += ["", "Zero-tuning presets (optimkit recommend --no-tuning; measured):"]
+        out += [_wrap(line, "  ") for line in preset_lines()]
     out += ["", f"Try it: optimkit compare --optimizers {spec.name}   |   "
                 f"create_optimizer({spec.name!r}, model)"]
     return "\n".join(out) + "\n"
@@ -88,6 +92,8 @@ def render_markdown(spec: OptimizerSpec) -> str:
                         ("Often gotten wrong", CORRECTIONS.get(spec.name, ""))):
         if text:
             out += ["", f"## {title}", "", text]
+    if spec.name == "prodigy":
+        out += ["", "## Zero-tuning presets (measured)", ""] + [f"- {line}" for line in preset_lines()]
     out += ["", "## Example", "", "```python", "import optimkit",
             f"opt = optimkit.create_optimizer({spec.name!r}, model)  # lr={default_text(spec.default_lr)}",
             "```", "", "```console", f"$ optimkit explain {spec.name}",

@@ -19,7 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["CANDIDATES", "NO_TUNING", "EVIDENCE", "TARGET_GAP", "NoTuningPreset", "no_tuning_preset"]
+__all__ = ["CANDIDATES", "NO_TUNING", "EVIDENCE", "TARGET_GAP", "DECIDED", "NoTuningPreset", "no_tuning_preset",
+           "preset_lines"]
 
 #: the candidate presets: name -> Prodigy constructor arguments (lr=1.0 in every one)
 CANDIDATES: dict[str, dict[str, Any]] = {
@@ -29,6 +30,10 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "wd_0.01": {"weight_decay": 0.01},  # decouple=True, Prodigy's default: AdamW-style decay
     "split": {"split_groups": True},  # each param group estimates its own d
 }
+
+#: Prodigy arguments a preset decides (a no-tuning recommendation takes them from the preset only)
+DECIDED = ("lr", "d_coef", "betas", "weight_decay", "decouple", "use_bias_correction", "safeguard_warmup",
+           "split_groups")
 
 #: where the numbers below come from (written by benchmarks/presets.py)
 EVIDENCE = "docs/presets-2026-11-30.json"
@@ -71,3 +76,26 @@ def no_tuning_preset(model: str | None = None, sparse: bool = False, fine_tune: 
         if wanted and key in NO_TUNING:
             return key, NO_TUNING[key]
     return "any", NO_TUNING["any"]
+
+
+def _args_text(args: dict[str, Any]) -> str:
+    def v(x: Any) -> str:
+        return "(" + ",".join(map(str, x)) + ")" if isinstance(x, tuple) else f"{x:g}" if isinstance(x, float) else str(x)
+
+    return ", ".join(f"{k}={v(x)}" for k, x in args.items())
+
+
+def preset_lines() -> list[str]:
+    """The table as text lines (``optimkit explain prodigy``, docs)."""
+    out = []
+    for key, p in NO_TUNING.items():
+        gaps = ", ".join(f"{t} {g:+.3f}" for t, g in p.gaps.items())
+        measured = f"gap {gaps}" if gaps else "no task of this kind measured"
+        miss = [t for t, g in p.gaps.items() if g > TARGET_GAP]
+        verdict = f"; misses the {TARGET_GAP} target on {', '.join(miss)}" if miss else (
+            f"; within the {TARGET_GAP} target" if gaps else "")
+        out.append(f"{key}: {p.preset} ({_args_text(p.args)}) - {measured}{verdict}"
+                   + (f". {p.note}" if p.note else ""))
+    out.append(f"gap = (L_preset - L_best) / (L_init - L_best) vs the best AdamW of an lr grid, final "
+               f"training loss; numbers: {EVIDENCE}; docs/choosing.md")
+    return out

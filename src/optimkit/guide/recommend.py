@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..factory import get_spec
+from .presets import DECIDED, EVIDENCE, TARGET_GAP, no_tuning_preset
 from .rules import CORRECTIONS, RULES, TRAITS, Rule
 
 __all__ = ["Traits", "Recommendation", "recommend", "render_recommendations", "spec_string"]
@@ -45,6 +46,7 @@ class Recommendation:
     evidence: list[str] = field(default_factory=list)
     correction: str | None = None
     state_buffers: int = 0
+    measured: str | None = None  # the zero-tuning preset and its measurement (Prodigy, --no-tuning)
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -86,18 +88,40 @@ def recommend(traits: Traits, top: int = 3) -> list[Recommendation]:
         for r in sorted(rules, key=lambda r: len(r.when)):
             hp.update(r.hyperparams)
         ordered = sorted(rules, key=lambda r: (-len(r.when), -abs(r.score)))
+        evidence = {e for r in rules for e in r.evidence}
+        measured = None
+        if spec.name == "prodigy" and traits.no_tuning:
+            # the measured preset decides Prodigy's algorithm arguments; other advice
+            # (slice_p for memory) stays
+            key, preset = no_tuning_preset(traits.model, traits.sparse, traits.fine_tune)
+            hp = {**preset.args, **{k: v for k, v in hp.items() if k not in DECIDED}}
+            evidence |= set(preset.tasks)
+            measured = _measured_text(key, preset)
         recs.append(Recommendation(
             optimizer=spec.name,
             score=score,
             hyperparams=hp,
             reasons=[r.reason for r in ordered if r.score > 0] or [r.reason for r in ordered],
             setup=[r.setup for r in ordered if r.setup],
-            evidence=sorted({e for r in rules for e in r.evidence}),
+            evidence=sorted(evidence),
             correction=CORRECTIONS.get(spec.name),
             state_buffers=spec.state_buffers,
+            measured=measured,
         ))
     recs.sort(key=lambda r: (-r.score, r.optimizer))
     return [r for r in recs if r.score > 0][:top]
+
+
+def _measured_text(key: str, preset: Any) -> str:
+    if not preset.gaps:
+        return (f"zero-tuning preset {preset.preset!r} for {key}: no task of this kind was measured; "
+                f"this is the preset with the smallest worst gap over every task ({EVIDENCE})")
+    gaps = ", ".join(f"{t} {g:+.3f}" for t, g in preset.gaps.items())
+    miss = [t for t, g in preset.gaps.items() if g > TARGET_GAP]
+    verdict = (f"misses the {TARGET_GAP} target on {', '.join(miss)}" if miss
+               else f"within the {TARGET_GAP} target")
+    return (f"zero-tuning preset {preset.preset!r} for {key}, chosen by measurement: gap to the best AdamW "
+            f"of an lr grid {gaps} ({verdict}; {EVIDENCE}, docs/choosing.md)")
 
 
 def _avoid(traits: Traits) -> list[tuple[str, str]]:
@@ -127,6 +151,8 @@ def render_recommendations(traits: Traits, recs: list[Recommendation]) -> str:
         lines.append("   why:")
         for reason in r.reasons:
             lines.append(f"     - {reason}")
+        if r.measured:
+            lines.append(f"   measured: {r.measured}")
         for s in r.setup:
             lines.append(f"   recipe: {s}")
         if r.evidence:
