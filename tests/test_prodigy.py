@@ -670,18 +670,19 @@ def test_fused_fast_path_matches_reference_float32(monkeypatch, kw):
     budget is cut to 2 KiB, so the large-tensor pieces (>32 elements) and several small-tensor
     runs are exercised too.
     """
-    import optimkit.optimizers.prodigy as prodigy_mod
+    import optimkit.optimizers._prodigy.foreach as foreach_mod
+    import optimkit.optimizers._prodigy.paths as paths_mod
 
     calls = {"fused": 0}
-    orig = prodigy_mod.prodigy_apply_fused
+    orig = paths_mod.prodigy_apply_fused
 
     def counting(*a, **k):
         calls["fused"] += 1
         return orig(*a, **k)
 
-    monkeypatch.setattr(prodigy_mod, "prodigy_apply_fused", counting)
+    monkeypatch.setattr(paths_mod, "prodigy_apply_fused", counting)
     if kw["use_bias_correction"]:
-        monkeypatch.setitem(prodigy_mod._CHUNK_BYTES, "cpu", 2048)
+        monkeypatch.setitem(foreach_mod._CHUNK_BYTES, "cpu", 2048)
     x, y = _digits()
     net_ref, net_fast = Net(torch.float32), Net(torch.float32)
     ref = optimkit.Prodigy(net_ref.groups("two", {}), foreach=False, **kw)
@@ -734,7 +735,7 @@ def test_fused_fast_path_only_for_float32_cpu_with_beta1():
 def test_fused_fast_path_small_tensor_runs_and_pieces_agree():
     """Many small tensors (batched runs) and tensors cut into pieces give the reference's
     statistics: d, d_numerator and d_denom after 5 steps to float32 rounding."""
-    import optimkit.optimizers.prodigy as prodigy_mod
+    import optimkit.optimizers._prodigy.foreach as prodigy_mod  # holds the chunk budget
 
     shapes = [(37,)] * 50 + [(300, 7), (1,), (0,), (33, 33)] + [(5, 3)] * 20
     runs = []
