@@ -201,15 +201,16 @@ def _same_curve(a: list[Any], b: list[Any]) -> bool:
         for x, y in zip(a, b))
 
 
-def plot_prodigy(result: dict[str, Any], path: Path) -> bool:
+def plot_prodigy(result: dict[str, Any], path: Path) -> int:
     """Prodigy's d and effective lr per step. When every line has lr = 1 the two are the same
-    curve, so one panel (d = effective lr) is drawn instead of two identical ones."""
+    curve, so one panel (d = effective lr) is drawn instead of two identical ones. Returns the
+    number of panels drawn (0: no Prodigy-style curve, nothing written)."""
     import matplotlib.pyplot as plt
 
     lines = [(t, lab, c) for t, e in result.get("tasks", {}).items()
              for lab, c in (e.get("curves") or {}).items() if c.get("d") and c.get("d_steps")]
     if not lines:
-        return False
+        return 0
     one_panel = all(_same_curve(c["d"], c.get("effective_lr") or c["d"]) for _, _, c in lines)
     fig, axes = plt.subplots(1, 1 if one_panel else 2, figsize=PRODIGY_FIGSIZE, dpi=DPI, layout="constrained",
                              squeeze=False)
@@ -239,7 +240,7 @@ def plot_prodigy(result: dict[str, Any], path: Path) -> bool:
     fig.legend(handles, names, loc="outside right upper", fontsize=8, title="task · optimizer", title_fontsize=8)
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
-    return True
+    return len(axes)
 
 
 def plot_sweeps(result: dict[str, Any], palette: dict[str, Any], path: Path) -> bool:
