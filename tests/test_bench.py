@@ -1,9 +1,13 @@
 """The step-time benchmark tool: a --quick run completes and its table agrees with its JSON.
 
 No timed assertions: timings on a shared machine are noise. What is checked is the
-bookkeeping: one entry per (optimizer, implementation), positive times, the floor fraction
-printed for every row equal to bytes/param x params / bandwidth / time recomputed from the
-JSON, and the "n/a" path for an optimizer that is not implemented.
+bookkeeping: one entry per (optimizer, implementation), positive times with their spread, the
+floor fraction printed for every row equal to bytes/param x params / ceiling / time
+recomputed from the JSON, the ceiling the best of its probes, the "n/a" path for an optimizer
+that is not implemented; and the mechanics a trustworthy run needs: every window starts from
+the pristine gradients, a candidate that changes them is named, a failing candidate prints
+its whole message and makes the run exit non-zero, and the contention scenario's background
+process is started and always stopped.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import pytest
 import torch
 
 import optimkit
-from optimkit import bench
+from optimkit import bench, bench_cli, bench_contention, bench_report
 
 QUICK = ["--quick", "--threads", "1", "--repeats", "2", "--warmup", "1", "--window", "0.001"]
 
@@ -61,7 +65,7 @@ def test_quick_run_has_every_entry_with_positive_times(quick_run):
     rc, _, report = quick_run
     assert rc == 0
     sets = report["sets"]
-    assert set(sets) == {"transformer", "small"}
+    assert set(sets) == set(bench.DEFAULT_SETS)
     for meta in sets.values():
         assert 0 < meta["tensors"] <= 64  # --quick: tiny sets
     assert report["bandwidth"]["GBps"] > 0
@@ -78,6 +82,9 @@ def test_quick_run_has_every_entry_with_positive_times(quick_run):
                 continue
             assert r["ms_per_step"] > 0 and r["cold_ms"] > 0
             assert all(w > 0 for w in r["window_ms"])
+            assert r["ms_min"] <= r["ms_per_step"] <= r["ms_max"]
+            assert r["ms_min"] <= r["ms_mean"] <= r["ms_max"]
+            assert r["ms_min"] == min(r["window_ms"]) and r["ms_max"] == max(r["window_ms"])
             assert r["state_bytes_per_param"] >= 0
     # SGD is implemented: every one of its rows is measured, with torch's fused kernel the
     # only kind of anchor that is not a loop; momentum keeps one fp32 buffer per parameter.
@@ -105,7 +112,8 @@ def test_printed_floor_fraction_matches_json(quick_run):
             bw = r["bandwidth_GBps"] * 1e9
             assert bw > 0
             want = bpp * meta["params"] / bw / (r["ms_per_step"] / 1e3)
-            pct = float(cells[4].rstrip("%"))
+            assert cells[3] == bench_report.format_spread(r)
+            pct = float(cells[5].rstrip("%"))
             decimals = 1 if 100 * want < 10 else 0
             assert pct == pytest.approx(100 * want, abs=0.5 * 10**-decimals + 1e-9), (set_name, r["label"])
             n_checked += 1
@@ -146,3 +154,178 @@ def test_run_leaves_denormals_representable(quick_run):
     """The benchmark flushes denormals while timing; it must not leak that into the process."""
     tiny = torch.tensor(torch.finfo(torch.float32).tiny, dtype=torch.float32)
     assert float(tiny / 4) > 0.0
+
+
+# ----------------------------------------------------------------- ceiling and gradients
+def test_ceiling_is_the_best_probe(quick_run):
+    _, _, report = quick_run
+    bw = report["bandwidth"]
+    assert set(bw["probes_GBps"]) == set(bench.PROBES)
+    assert bw["GBps"] == max(bw["probes_GBps"].values())
+    for r in report["results"]:
+        probes = r["probes_GBps"]
+        assert set(probes) == set(bench.PROBES) and all(v > 0 for v in probes.values())
+        assert r["bandwidth_GBps"] == max(probes.values())  # the floor's ceiling
+        assert all(r["bandwidth_GBps"] >= v for v in probes.values())
+
+
+def test_torch_nesterov_foreach_is_noted_for_changing_grads(quick_run):
+    """torch 2.13's foreach SGD with nesterov adds the momentum into p.grad in place."""
+    _, text, report = quick_run
+    row = next(r for r in report["results"]
+               if r["optimizer"] == "sgd_nesterov" and r["label"] == "torch foreach")
+    assert row["note"] == "changes p.grad"
+    assert "changes p.grad" in text
+    # optimkit's paths leave the gradients alone (tests/test_grads_untouched.py checks values)
+    assert all(r["note"] == "" for r in report["results"] if r["library"] == "optimkit")
+
+
+def test_param_set_restores_and_detects_gradients():
+    pset = bench.ParamSet.build("t", [(3, 2), (5,)])
+    assert pset.grads_changed() == ""
+    pset.params[1].grad.mul_(2)
+    assert pset.grads_changed() == "changes p.grad"
+    pset.restore_grads()
+    assert pset.grads_changed() == ""
+    pset.params[0].grad = torch.zeros(3, 2)
+    assert pset.grads_changed() == "replaces p.grad"
+    pset.restore_grads()
+    assert pset.params[0].grad is pset.grad_views[0] and pset.grads_changed() == ""
+
+
+class _Mutator(torch.optim.Optimizer):
+    """Doubles every gradient in place, and replaces one (``replace=True``)."""
+
+    def __init__(self, params, replace=False):
+        super().__init__(params, {})
+        self.replace = replace
+
+    def step(self, closure=None):
+        for g in self.param_groups:
+            for p in g["params"]:
+                p.grad.mul_(2.0)
+            if self.replace:
+                g["params"][0].grad = g["params"][0].grad.clone()
+
+
+class _Spy(torch.optim.Optimizer):
+    """Records, at every step, whether each gradient still holds the pristine values."""
+
+    seen: list[bool] = []
+
+    def __init__(self, params, pristine):
+        super().__init__(params, {})
+        self.pristine = pristine
+
+    def step(self, closure=None):
+        ps = self.param_groups[0]["params"]
+        got = torch.cat([p.grad.reshape(-1) for p in ps])
+        _Spy.seen.append(bool(torch.equal(got, self.pristine)))
+
+
+def _fake_candidates(monkeypatch, extra):
+    """Replace the candidates of every algorithm by ``extra(pset_grads)`` builders."""
+    real_build = bench.ParamSet.build
+    holder = {}
+
+    def build(*a, **k):
+        holder["pset"] = real_build(*a, **k)
+        return holder["pset"]
+
+    monkeypatch.setattr(bench.ParamSet, "build", build)
+    monkeypatch.setattr(bench, "candidates_for", lambda algo, *a, **k: extra(algo, holder))
+
+
+def test_every_window_starts_from_pristine_grads_and_mutators_are_noted(monkeypatch, tmp_path, capsys):
+    _Spy.seen = []
+
+    def cands(algo, holder):
+        return [
+            bench.Candidate(algo, "test", "mutator", lambda ps: _Mutator(ps)),
+            bench.Candidate(algo, "test", "replacer", lambda ps: _Mutator(ps, replace=True)),
+            bench.Candidate(algo, "test", "spy", lambda ps: _Spy(ps, holder["pset"].grad_init.clone()),
+                            anchor=True),
+        ]
+
+    _fake_candidates(monkeypatch, cands)
+    path = tmp_path / "r.json"
+    assert bench.main([*QUICK, "--sets", "small", "--optimizers", "sgd", "--repeats", "3",
+                       "--json", str(path)]) == 0
+    assert _Spy.seen and all(_Spy.seen)  # cold step, warm-up, every step of every window
+    rows = {r["label"]: r for r in json.loads(path.read_text())["results"]}
+    assert rows["test mutator"]["note"] == "changes p.grad"
+    assert rows["test replacer"]["note"] == "replaces p.grad"
+    assert rows["test spy"]["note"] == ""
+    printed = {c[1]: c for c in _table_rows(capsys.readouterr().out)["small"]}
+    assert printed["test mutator"][-1] == "changes p.grad"
+    assert printed["test replacer"][-1] == "replaces p.grad"
+
+
+def test_an_error_row_prints_its_whole_message_and_fails_the_run(monkeypatch, capsys, tmp_path):
+    long = ("the kernel refused this group: " + " ".join(f"detail{i}=[{i}]" for i in range(60))
+            + "\nsecond line of the message")
+
+    class Broken(torch.optim.Optimizer):
+        def __init__(self, params):
+            super().__init__(params, {})
+
+        def step(self, closure=None):
+            raise RuntimeError(long)
+
+    def cands(algo, holder):
+        return [bench.Candidate(algo, "test", "broken", lambda ps: Broken(ps)),
+                bench.Candidate(algo, "test", "spy", lambda ps: _Spy(ps, holder["pset"].grad_init.clone()),
+                                anchor=True)]
+
+    _fake_candidates(monkeypatch, cands)
+    path = tmp_path / "r.json"
+    assert bench.main([*QUICK, "--sets", "small", "--optimizers", "sgd", "--json", str(path)]) == 1
+    out = capsys.readouterr().out
+    squashed = "".join(out.split())
+    assert "".join(f"RuntimeError: {long}".split()) in squashed  # nothing cut, [..] not eaten
+    row = next(r for r in json.loads(path.read_text())["results"] if r["label"] == "test broken")
+    assert row["status"] == "error" and row["reason"] == f"RuntimeError: {long}"
+    assert bench.main(["--render", str(path)]) == 1  # a saved run with an error row too
+
+
+# ------------------------------------------------------------------------- contention
+def _contention_cfg(**kw):
+    args = bench_cli.build_parser().parse_args(
+        ["--contention", *QUICK[:1], "--optimizers", "sgd_momentum", "--sets", "mlp",
+         "--repeats", "1", "--warmup", "0", "--window", "0.001"])
+    return bench_cli.config_from_args(args)
+
+
+def test_contention_starts_and_stops_one_background_process():
+    cfg = _contention_cfg()
+    bg = bench_contention.Background(60.0)
+    report = bench_contention.run_contention(cfg, background=bg)
+    pid = report["contention"]["pid"]
+    assert pid == bg.pid and pid is not None
+    assert report["contention"]["alive_at_stop"] is True  # it ran through the loaded phase
+    assert not bench_contention.pid_alive(pid)
+    rows = report["results"]
+    assert {(r["phase"], r["label"]) for r in rows} == {
+        (ph, lab) for ph in ("idle", "loaded") for lab in ("optimkit default", "torch default")}
+    for r in rows:
+        assert r["status"] == "ok" and r["ms_min"] <= r["ms_mean"] <= r["ms_max"]
+        if r["library"] == "optimkit":
+            assert r["ratio_to_anchor"] == pytest.approx(r["ms_mean"] / next(
+                x["ms_mean"] for x in rows if x["phase"] == r["phase"] and x["library"] == "torch"))
+    assert {t["phase"] for t in report["targets"]} == {"idle", "loaded"}
+
+
+def test_contention_process_is_stopped_on_interrupt(monkeypatch):
+    cfg = _contention_cfg()
+    bg = bench_contention.Background(60.0)
+    real = bench_contention._measure_algo
+
+    def interrupted(*a, **k):
+        if bg.proc is not None:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(bench_contention, "_measure_algo", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        bench_contention.run_contention(cfg, background=bg)
+    assert bg.pid is not None and not bench_contention.pid_alive(bg.pid)

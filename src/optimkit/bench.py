@@ -3,38 +3,47 @@ r"""Step-time benchmark: optimkit's implementations against torch.optim and prod
 An optimizer step reads and writes every parameter, gradient and state buffer once, so it
 is bound by memory bandwidth. This module measures, in one run:
 
-* the machine's memory bandwidth: a large tensor copy, counting bytes read + written;
-* for each optimizer and each implementation (optimkit's per-tensor reference, foreach and
-  fused paths; torch.optim's for-loop, foreach and fused paths; ``prodigyopt``), the median
-  milliseconds of one ``opt.step()`` on fixed parameter sets;
+* the machine's bandwidth ceiling: the best of several in-place probes over a large tensor,
+  each timed in windows alongside the optimizers (:data:`PROBES`: a copy counting 8 B per
+  element, a triad ``p.add_(g, alpha=...)`` and torch's fused SGD without momentum, each
+  counting 12 B per element: read p and g, write p);
+* for each optimizer and each implementation (optimkit's default, per-tensor reference,
+  foreach, fused and flat paths; torch.optim's for-loop, foreach and fused paths;
+  ``prodigyopt``), the milliseconds of one ``opt.step()`` on fixed parameter sets;
 
-and reports each as ms/step, the ratio to the anchor (torch's fastest implementation of the
-same algorithm, ``prodigyopt`` for Prodigy) and the fraction of the bandwidth floor::
+and reports each as ms/step (median over windows, with the min-max spread), the ratio to the
+anchor (torch's fastest implementation of the same algorithm, ``prodigyopt`` for Prodigy)
+and the fraction of the bandwidth floor::
 
-    floor_ms = bytes_per_param * n_params / bandwidth        (DESIGN.md section 4)
+    floor_ms = bytes_per_param * n_params / ceiling        (DESIGN.md section 4)
     fraction = floor_ms / measured_ms
 
-Method (heavyball-style): gradients are set once (fixed random values); every measured call
-is a single ``opt.step()``; steps are timed in windows and the median over windows is kept;
-within one algorithm all candidates (and one bandwidth window) take turns, in an order that
-alternates direction every repetition, so drift in the machine's load hits all of them
-alike. The bandwidth used for an algorithm's floor is the median of the copy windows taken
-in turn with that algorithm's candidates, so a change in the machine's load between
-algorithms moves the floor with it. The first step (state allocation, compilation) is
-reported separately as "cold".
+Method (heavyball-style): every measured call is a single ``opt.step()``; steps are timed
+in windows; within one algorithm all candidates (and one window of each probe) take turns,
+in an order that alternates direction every repetition, so drift in the machine's load hits
+all of them alike. Every candidate starts its cold step, its warm-up and every window from
+the same gradients: they are restored from a pristine copy (values, and ``p.grad`` pointing
+at the original tensor) outside the timer, and checked after each of its windows; a candidate
+that changed them (in place, or by replacing ``p.grad``) is reported in its row's note. The
+ceiling used for an algorithm's floor is the best probe median of the windows taken in turn
+with that algorithm's candidates, so a change in the machine's load moves the floor with it.
+The first step (state allocation, compilation) is reported separately as "cold".
 
-Entry point: :func:`main` (``optimkit bench``, ``benchmarks/step_time.py``).
+``--contention`` (:mod:`optimkit.bench_contention`) times every optimizer's default step
+against torch.optim's default on an idle machine and with one background process running
+2-thread matmuls. Printing and the issue's targets are in :mod:`optimkit.bench_report`.
+
+Entry point: :func:`main` (``optimkit bench``, ``benchmarks/step_time.py``; the command line is
+:mod:`optimkit.bench_cli`).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import datetime as _dt
 import gc
 import io
-import json
 import os
 import platform
 import statistics
@@ -49,6 +58,7 @@ import torch
 from torch import Tensor
 
 import optimkit
+from . import _torch_compat as tc
 
 # ------------------------------------------------------------------------------- algorithms
 #: minimal bytes each algorithm must move per fp32 parameter per step (DESIGN.md section 4)
@@ -109,7 +119,7 @@ class Candidate:
 
     algo: str
     library: str  # "optimkit" | "torch" | "prodigyopt"
-    impl: str  # "reference" | "foreach" | "fused" | "flat" | "flat+compiled" | "for-loop"
+    impl: str  # "default" | "reference" | "foreach" | "fused" | "flat" | "flat+compiled" | "for-loop"
     build: Callable[[list[Tensor]], torch.optim.Optimizer]
     slow: bool = False  # a per-tensor Python loop: fewer repetitions
     anchor: bool = False  # eligible as the anchor (torch.optim / prodigyopt)
@@ -129,8 +139,12 @@ def _torch_has_fused(cls: type) -> bool:
     return "fused" in inspect.signature(cls.__init__).parameters
 
 
-def candidates_for(algo: str, compiled: bool = False) -> list[Candidate]:
-    """Every implementation of ``algo`` the benchmark compares, optimkit's first."""
+def candidates_for(algo: str, compiled: bool = False, defaults_only: bool = False) -> list[Candidate]:
+    """Every implementation of ``algo`` the benchmark compares, optimkit's first.
+
+    ``defaults_only``: just each library's default (no ``foreach``/``fused`` flag: what a
+    user gets; torch.optim's default on CPU is its for-loop), as the contention scenario
+    compares them."""
     ok_name, torch_name, hp = _ALGO_SPECS[algo]
     ok_cls = getattr(optimkit, ok_name)
     out: list[Candidate] = []
@@ -138,22 +152,27 @@ def candidates_for(algo: str, compiled: bool = False) -> list[Candidate]:
     def ok(flags: dict[str, Any]) -> Callable[[list[Tensor]], torch.optim.Optimizer]:
         return lambda ps: ok_cls(ps, **hp, **flags)
 
-    out.append(Candidate(algo, "optimkit", "reference", ok(dict(foreach=False)), slow=True))
-    out.append(Candidate(algo, "optimkit", "foreach", ok(dict(foreach=True))))
-    if _has_fused(ok_cls):
-        out.append(Candidate(algo, "optimkit", "fused", ok(dict(fused=True))))
-    # flat=True over this set's parameters and gradients (already views of one buffer each,
-    # as a flat-parameter trainer keeps them, so nothing is copied): the default path per chunk
-    out.append(Candidate(algo, "optimkit", "flat", ok(dict(flat=True))))
-    if compiled and getattr(ok_cls, "_has_compiled", False):
-        # opt-in (compile=True): torch.compile'd single-pass kernels; the first step compiles
-        out.append(Candidate(algo, "optimkit", "flat+compiled", ok(dict(flat=True, compile=True))))
+    out.append(Candidate(algo, "optimkit", "default", ok({})))
+    if not defaults_only:
+        out.append(Candidate(algo, "optimkit", "reference", ok(dict(foreach=False)), slow=True))
+        out.append(Candidate(algo, "optimkit", "foreach", ok(dict(foreach=True))))
+        if _has_fused(ok_cls):
+            out.append(Candidate(algo, "optimkit", "fused", ok(dict(fused=True))))
+        # flat=True over this set's parameters and gradients (already views of one buffer
+        # each, as a flat-parameter trainer keeps them, so nothing is copied)
+        out.append(Candidate(algo, "optimkit", "flat", ok(dict(flat=True))))
+        if compiled and getattr(ok_cls, "_has_compiled", False):
+            # opt-in (compile=True): torch.compile'd single-pass kernels; the first step compiles
+            out.append(Candidate(algo, "optimkit", "flat+compiled", ok(dict(flat=True, compile=True))))
     if torch_name is not None:
         t_cls = getattr(torch.optim, torch_name)
 
         def th(flags: dict[str, Any]) -> Callable[[list[Tensor]], torch.optim.Optimizer]:
             return lambda ps: t_cls(ps, **hp, **flags)
 
+        if defaults_only:
+            out.append(Candidate(algo, "torch", "default", th({}), anchor=True))
+            return out
         out.append(Candidate(algo, "torch", "for-loop", th(dict(foreach=False)), slow=True, anchor=True))
         out.append(Candidate(algo, "torch", "foreach", th(dict(foreach=True)), anchor=True))
         if _torch_has_fused(t_cls):
@@ -167,7 +186,8 @@ def candidates_for(algo: str, compiled: bool = False) -> list[Candidate]:
             with contextlib.redirect_stdout(io.StringIO()):
                 return prodigyopt.Prodigy(ps, **hp)
 
-        out.append(Candidate(algo, "prodigyopt", "for-loop", prodigyopt_build, anchor=True))
+        out.append(Candidate(algo, "prodigyopt", "default" if defaults_only else "for-loop",
+                             prodigyopt_build, anchor=True))
     return out
 
 
@@ -197,29 +217,44 @@ def small_shapes(pairs: int, scale: int = 32) -> list[tuple[int, ...]]:
     return shapes
 
 
+def mlp_shapes(widths: Sequence[int] = (64, 128, 128, 10)) -> list[tuple[int, ...]]:
+    """The parameters of an MLP of ``nn.Linear`` layers: (out, in) weight, (out,) bias each."""
+    shapes: list[tuple[int, ...]] = []
+    for n_in, n_out in zip(widths[:-1], widths[1:]):
+        shapes += [(n_out, n_in), (n_out,)]
+    return shapes
+
+
 def param_set_shapes(name: str, quick: bool = False) -> list[tuple[int, ...]]:
-    """The shapes of a named parameter set (``transformer`` or ``small``)."""
+    """The shapes of a named parameter set (``transformer``, ``small`` or ``mlp``)."""
     if name == "transformer":
         # full: 25.3M float32 parameters in 148 tensors
         return transformer_shapes(16, 1, 64, 8) if quick else transformer_shapes(384, 12, 10000, 512)
     if name == "small":
         # full: 2.0M float32 parameters in 2000 tensors
         return small_shapes(8, scale=4) if quick else small_shapes(1000)
-    raise ValueError(f"bench: unknown parameter set {name!r}; expected 'transformer' or 'small'")
+    if name == "mlp":
+        # 26,122 parameters in 6 tensors (64-128-128-10), tiny already: the same with --quick
+        return mlp_shapes()
+    raise ValueError(f"bench: unknown parameter set {name!r}; expected one of {', '.join(SETS)}")
 
 
-SETS: tuple[str, ...] = ("transformer", "small")
+SETS: tuple[str, ...] = ("transformer", "small", "mlp")
+#: the sets a plain run measures (``--sets`` default)
+DEFAULT_SETS: tuple[str, ...] = ("transformer", "small")
 
 
 @dataclass
 class ParamSet:
-    """Parameters that are views of one flat buffer, fixed gradients, and the initial values."""
+    """Parameters that are views of one flat buffer, fixed gradients, and pristine copies."""
 
     name: str
     params: list[Tensor]
     flat: Tensor
     init: Tensor
     grad_flat: Tensor
+    grad_init: Tensor  # the gradients' values every window starts from (never stepped on)
+    grad_views: list[Tensor]  # the tensors each p.grad must be (candidates may replace them)
 
     @property
     def numel(self) -> int:
@@ -230,9 +265,11 @@ class ParamSet:
         gen = torch.Generator().manual_seed(seed)
         n = sum(_numel(s) for s in shapes)
         init = torch.randn(n, generator=gen).mul_(0.02)
-        grad_flat = torch.randn(n, generator=gen).mul_(1e-2)
+        grad_init = torch.randn(n, generator=gen).mul_(1e-2)
         flat = init.clone()
+        grad_flat = grad_init.clone()
         params: list[Tensor] = []
+        views: list[Tensor] = []
         off = 0
         # Views of one buffer: the realistic layout for large tensors (each its own
         # allocation either way) and what a flat-buffer implementation needs; torch.optim's
@@ -242,12 +279,29 @@ class ParamSet:
             p = torch.nn.Parameter(flat[off : off + k].view(s))
             p.grad = grad_flat[off : off + k].view(s)
             params.append(p)
+            views.append(p.grad)
             off += k
-        return cls(name, params, flat, init, grad_flat)
+        return cls(name, params, flat, init, grad_flat, grad_init, views)
 
     def reset(self) -> None:
         """Restore the initial parameter values (each algorithm starts from the same point)."""
         self.flat.copy_(self.init)
+
+    def restore_grads(self) -> None:
+        """Every ``p.grad`` back to the original tensor, holding the original values."""
+        self.grad_flat.copy_(self.grad_init)
+        for p, g in zip(self.params, self.grad_views):
+            if p.grad is not g:
+                p.grad = g
+
+    def grads_changed(self) -> str:
+        """What a step did to the gradients: "" (nothing), "replaces p.grad" (a ``p.grad`` is
+        no longer the tensor it was given) or "changes p.grad" (values written in place)."""
+        if any(p.grad is not g for p, g in zip(self.params, self.grad_views)):
+            return "replaces p.grad"
+        if not torch.equal(self.grad_flat, self.grad_init):
+            return "changes p.grad"
+        return ""
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -257,6 +311,58 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
+# ------------------------------------------------------------------------- the ceiling
+#: in-place probes of the bandwidth ceiling: name -> bytes moved per element
+PROBES: dict[str, int] = {"copy": 8, "triad": 12, "fused_sgd": 12}
+
+
+class _Ceiling:
+    """The machine's bandwidth ceiling: the best of several in-place probes over a large
+    tensor, each timed in windows (bytes read + written per second; a destination that is
+    only written counts once: its write-allocate read is not useful traffic).
+
+    * ``copy``: ``dst.copy_(src)``, 8 B/element;
+    * ``triad``: ``dst.add_(src, alpha=1e-3)``, 12 B/element (what an SGD step does);
+    * ``fused_sgd``: torch's fused SGD kernel without momentum on ``dst`` with gradient
+      ``src``, 12 B/element: the fastest single-pass kernel torch has.
+
+    A single-pass optimizer kernel cannot beat the best of them by much, so floor fractions
+    stay at or below ~100% (a copy alone under-estimates the ceiling: write-allocate)."""
+
+    def __init__(self, floats: int) -> None:
+        self.src = torch.empty(floats).uniform_()
+        self.dst = torch.empty_like(self.src)
+        self.dst.copy_(self.src)  # fault the pages in before timing
+        self.windows: dict[str, list[float]] = {k: [] for k in PROBES}
+
+    def _run(self, name: str) -> None:
+        if name == "copy":
+            self.dst.copy_(self.src)
+        elif name == "triad":
+            self.dst.add_(self.src, alpha=1e-3)
+        else:
+            tc.fused_sgd_([self.dst], [self.src], [], weight_decay=0.0, momentum=0.0, lr=1e-3,
+                          dampening=0.0, nesterov=False, maximize=False, is_first_step=False,
+                          grad_scale=None, found_inf=None)
+
+    def window(self, calls: int = 3) -> None:
+        """One timed window of each probe."""
+        for name, bpe in PROBES.items():
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                self._run(name)
+            dt = time.perf_counter() - t0
+            self.windows[name].append(bpe * self.src.numel() * calls / dt / 1e9)
+        # The triad and fused SGD change dst; keep its values bounded.
+        self.dst.copy_(self.src)
+
+    def medians(self, since: int = 0) -> dict[str, float]:
+        """Median GB/s of each probe over its windows from index ``since`` on."""
+        return {k: statistics.median(v[since:]) for k, v in self.windows.items() if v[since:]}
+
+    @property
+    def count(self) -> int:
+        return len(self.windows["copy"])
 # ------------------------------------------------------------------------------- measuring
 @dataclass
 class Config:
@@ -272,6 +378,8 @@ class Config:
     compiled: bool = False
     cold_compile: bool = True
     seed: int = 0
+    contention: bool = False
+    contention_s: float = 600.0  # the background process's own time limit
 
 
 @dataclass
@@ -280,32 +388,11 @@ class _Run:
     opt: Any = None
     status: str = "ok"
     reason: str = ""
+    note: str = ""  # what the candidate did to the gradients, if anything
     cold_ms: float = float("nan")
     steps_per_window: int = 1
     window_ms: list[float] = field(default_factory=list)
     snapshot: Any = None
-
-
-class _Bandwidth:
-    """A large ``copy_`` timed in windows: bytes read + written per second."""
-
-    def __init__(self, floats: int) -> None:
-        self.src = torch.empty(floats).uniform_()
-        self.dst = torch.empty_like(self.src)
-        self.dst.copy_(self.src)  # fault the pages in before timing
-        self.bytes = 2 * self.src.numel() * self.src.element_size()
-        self.windows_gbps: list[float] = []
-
-    def window(self, copies: int = 3) -> None:
-        t0 = time.perf_counter()
-        for _ in range(copies):
-            self.dst.copy_(self.src)
-        dt = time.perf_counter() - t0
-        self.windows_gbps.append(self.bytes * copies / dt / 1e9)
-
-    @property
-    def gbps(self) -> float:
-        return statistics.median(self.windows_gbps)
 
 
 def _state_bytes(opt: Any) -> int:
@@ -361,75 +448,112 @@ def _time_steps(opt: Any, k: int) -> float:
 
 def _fail(run: _Run, e: BaseException) -> None:
     run.status = "n/a" if isinstance(e, NotImplementedError) else "error"
-    run.reason = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+    run.reason = f"{type(e).__name__}: {e}"  # whole: printed under the table
     run.opt = None
 
 
+def _check_grads(run: _Run, pset: ParamSet) -> None:
+    """Note (once) what ``run``'s steps did to the shared gradients."""
+    what = pset.grads_changed()
+    if what and not run.note:
+        run.note = what
+
+
 def _measure_algo(
-    algo: str, pset: ParamSet, cfg: Config, bw: _Bandwidth, log: Callable[[str], None]
-) -> tuple[list[_Run], float]:
-    """Measure every candidate of ``algo``; also returns the bandwidth measured alongside (GB/s)."""
+    algo: str, pset: ParamSet, cfg: Config, ceiling: _Ceiling | None, log: Callable[[str], None],
+    cands: list[Candidate] | None = None,
+) -> list[_Run]:
+    """Measure every candidate of ``algo`` (``cands``; default :func:`candidates_for`), with
+    one window of each ceiling probe in every rotation when ``ceiling`` is given."""
     pset.reset()
-    runs = [_Run(c) for c in candidates_for(algo, cfg.compiled)]
+    runs = [_Run(c) for c in (cands if cands is not None else candidates_for(algo, cfg.compiled))]
     restore_cap = _RESTORE_EACH_WINDOW.get(algo)
-    # Cold first step, then warm-up and the window size, one candidate at a time.
+    # Cold first step, then warm-up and the window size, one candidate at a time; each from
+    # the pristine gradients.
     for run in runs:
         try:
+            pset.restore_grads()
             run.opt = run.cand.build(pset.params)
             t = _time_steps(run.opt, 1)
             run.cold_ms = 1e3 * t
+            _check_grads(run, pset)
+            pset.restore_grads()
             nwarm = min(cfg.warmup, 1) if run.cand.slow else cfg.warmup
             max_steps = cfg.max_window_steps
             if restore_cap is not None:
                 nwarm, max_steps = min(nwarm, 3), min(max_steps, restore_cap)
             if nwarm > 0:
                 t = _time_steps(run.opt, nwarm) / nwarm
+                _check_grads(run, pset)
             run.steps_per_window = max(1, min(max_steps, int(cfg.window_s / max(t, 1e-6))))
             if restore_cap is not None:
                 run.snapshot = _snapshot(run.opt)
         except Exception as e:  # noqa: BLE001 - a candidate that cannot run is reported, not fatal
             _fail(run, e)
-            log(f"  {run.cand.label}: {run.status} ({run.reason})")
+            log(f"  {run.cand.label}: {run.status} ({run.reason.splitlines()[0][:160]})")
     live = [r for r in runs if r.status == "ok"]
-    first_bw = len(bw.windows_gbps)
     for rep in range(cfg.repeats):
         # Alternate direction each repetition so slow drift affects every candidate alike;
-        # the bandwidth window takes its turn in the same rotation.
-        order: list[_Run | None] = [None, *live]
+        # the probes take their turn in the same rotation.
+        order: list[_Run | None] = [None, *live] if ceiling is not None else list(live)
         if rep % 2:
             order.reverse()
         for run in order:
             if run is None:
-                bw.window()
+                assert ceiling is not None
+                ceiling.window()
                 continue
             if run.status != "ok" or (run.cand.slow and rep >= cfg.ref_repeats):
                 continue
             try:
-                if run.snapshot is not None:  # untimed: start the window from the warm state
+                # untimed: the same gradients (and for Prodigy the warm state) every window
+                pset.restore_grads()
+                if run.snapshot is not None:
                     pset.reset()
                     _restore(run.opt, run.snapshot)
                 dt = _time_steps(run.opt, run.steps_per_window)
                 run.window_ms.append(1e3 * dt / run.steps_per_window)
+                _check_grads(run, pset)
             except Exception as e:  # noqa: BLE001
                 _fail(run, e)
-    return runs, statistics.median(bw.windows_gbps[first_bw:])
+                log(f"  {run.cand.label}: {run.status} ({run.reason.splitlines()[0][:160]})")
+    pset.restore_grads()
+    return runs
+
+
+@contextlib.contextmanager
+def measuring(cfg: Config) -> Any:
+    """The process settings of a measurement: denormals flushed (timings must not depend on
+    the data) and, for compiled rows, a fresh inductor cache (their cold time is then a
+    first-ever compile); both restored on exit."""
+    torch.set_flush_denormal(True)
+    old_cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    fresh = cfg.compiled and cfg.cold_compile
+    if fresh:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="optimkit-bench-inductor-")
+    try:
+        yield
+    finally:
+        # torch has no getter for this flag (the setter returns whether it is supported),
+        # and its default is off: restore off.
+        torch.set_flush_denormal(False)
+        if fresh:
+            if old_cache is None:
+                os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+            else:
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = old_cache
 
 
 def run_benchmark(cfg: Config, log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """Measure everything ``cfg`` asks for and return the JSON-able report."""
+    from .bench_report import evaluate_targets, fill_derived
+
     load_before = _loadavg()
     started = time.time()
-    # Denormals would make timings data-dependent. torch has no getter for this flag (the
-    # setter returns whether it is supported), and its default is off: restore off.
-    torch.set_flush_denormal(True)
-    old_cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    if cfg.compiled and cfg.cold_compile:
-        # A fresh inductor cache: the first-step time is what a first-ever run costs.
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="optimkit-bench-inductor-")
-    try:
-        bw = _Bandwidth(cfg.bandwidth_floats)
+    with measuring(cfg):
+        ceiling = _Ceiling(cfg.bandwidth_floats)
         for _ in range(3):
-            bw.window()
+            ceiling.window()
         results: list[dict[str, Any]] = []
         sets_meta: dict[str, Any] = {}
         for set_name in cfg.sets:
@@ -439,10 +563,13 @@ def run_benchmark(cfg: Config, log: Callable[[str], None] = lambda s: None) -> d
             log(f"set {set_name}: {pset.numel:,} parameters in {len(shapes)} tensors")
             for algo in cfg.optimizers:
                 log(f"  {TITLES[algo]} ...")
-                runs, block_gbps = _measure_algo(algo, pset, cfg, bw, log)
+                first = ceiling.count
+                runs = _measure_algo(algo, pset, cfg, ceiling, log)
+                probes = ceiling.medians(first)
                 for run in runs:
-                    row = _result_row(set_name, algo, run, pset.numel)
-                    row["bandwidth_GBps"] = block_gbps
+                    row = result_row(set_name, algo, run, pset.numel)
+                    row["probes_GBps"] = probes
+                    row["bandwidth_GBps"] = max(probes.values())  # the ceiling
                     results.append(row)
                     run.opt = run.snapshot = None  # free this algorithm's state before the next one
                 del runs
@@ -450,35 +577,16 @@ def run_benchmark(cfg: Config, log: Callable[[str], None] = lambda s: None) -> d
             del pset
             gc.collect()
         for _ in range(3):
-            bw.window()
-    finally:
-        torch.set_flush_denormal(False)
-        if cfg.compiled and cfg.cold_compile:
-            if old_cache is None:
-                os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
-            else:
-                os.environ["TORCHINDUCTOR_CACHE_DIR"] = old_cache
-    gbps = bw.gbps
-    _fill_derived(results, sets_meta)
+            ceiling.window()
+    fill_derived(results, sets_meta)
+    probes_all = ceiling.medians()
     report = {
-        "meta": {
-            "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "duration_s": round(time.time() - started, 1),
-            "torch": torch.__version__,
-            "optimkit": optimkit.__version__,
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-            "cpu": _cpu_name(),
-            "cpu_count": os.cpu_count(),
-            "threads": torch.get_num_threads(),
-            "loadavg_before": load_before,
-            "loadavg_after": _loadavg(),
-            "config": {k: v for k, v in vars(cfg).items()},
-        },
+        "meta": host_meta(cfg, load_before, started),
         "bandwidth": {
-            "bytes_per_copy": bw.bytes,
-            "windows_GBps": [round(x, 3) for x in bw.windows_gbps],
-            "GBps": gbps,
+            "probes_bytes_per_element": dict(PROBES),
+            "windows_GBps": {k: [round(x, 3) for x in v] for k, v in ceiling.windows.items()},
+            "probes_GBps": probes_all,
+            "GBps": max(probes_all.values()),
         },
         "bytes_per_param": {a: BYTES_PER_PARAM[a] for a in cfg.optimizers},
         "sets": sets_meta,
@@ -488,8 +596,28 @@ def run_benchmark(cfg: Config, log: Callable[[str], None] = lambda s: None) -> d
     return report
 
 
-def _result_row(set_name: str, algo: str, run: _Run, n_params: int) -> dict[str, Any]:
+def host_meta(cfg: Config, load_before: list[float], started: float) -> dict[str, Any]:
+    """The run's context: versions, CPU, threads, load average before and after, config."""
+    return {
+        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "duration_s": round(time.time() - started, 1),
+        "torch": torch.__version__,
+        "optimkit": optimkit.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "loadavg_before": load_before,
+        "loadavg_after": _loadavg(),
+        "config": {k: v for k, v in vars(cfg).items()},
+    }
+
+
+def result_row(set_name: str, algo: str, run: _Run, n_params: int) -> dict[str, Any]:
+    """One candidate's JSON row: status, the window times and their spread, cold step, state."""
     c = run.cand
+    measured = run.status == "ok" and bool(run.window_ms)
     row: dict[str, Any] = {
         "set": set_name,
         "optimizer": algo,
@@ -497,13 +625,18 @@ def _result_row(set_name: str, algo: str, run: _Run, n_params: int) -> dict[str,
         "impl": c.impl,
         "label": c.label,
         "anchor_candidate": c.anchor,
-        "status": run.status if (run.status != "ok" or run.window_ms) else "error",
-        "reason": run.reason if (run.status != "ok" or run.window_ms) else "no window measured",
+        "status": run.status if (run.status != "ok" or measured) else "error",
+        "reason": run.reason if (run.status != "ok" or measured) else "no window measured",
+        "note": run.note,
     }
     if row["status"] == "ok":
+        w = run.window_ms
         row.update(
-            ms_per_step=statistics.median(run.window_ms),
-            window_ms=run.window_ms,
+            ms_per_step=statistics.median(w),
+            ms_mean=statistics.fmean(w),
+            ms_min=min(w),
+            ms_max=max(w),
+            window_ms=w,
             steps_per_window=run.steps_per_window,
             cold_ms=run.cold_ms,
             state_bytes_per_param=_state_bytes(run.opt) / n_params,
@@ -511,281 +644,12 @@ def _result_row(set_name: str, algo: str, run: _Run, n_params: int) -> dict[str,
     return row
 
 
-def _fill_derived(results: list[dict[str, Any]], sets_meta: dict[str, Any]) -> None:
-    """Anchor ratio and floor fraction of every row (floor from the row's ``bandwidth_GBps``)."""
-    for set_name, meta in sets_meta.items():
-        for algo in {r["optimizer"] for r in results if r["set"] == set_name}:
-            rows = [r for r in results if r["set"] == set_name and r["optimizer"] == algo]
-            gbps = rows[0]["bandwidth_GBps"]
-            floor_ms = 1e3 * BYTES_PER_PARAM[algo] * meta["params"] / (gbps * 1e9)
-            anchors = [r for r in rows if r["anchor_candidate"] and r["status"] == "ok"]
-            anchor = min(anchors, key=lambda r: r["ms_per_step"]) if anchors else None
-            for r in rows:
-                r["floor_ms"] = floor_ms
-                r["anchor"] = anchor["label"] if anchor else None
-                r["is_anchor"] = anchor is r
-                if r["status"] != "ok":
-                    continue
-                r["floor_fraction"] = floor_ms / r["ms_per_step"]
-                r["ratio_to_anchor"] = r["ms_per_step"] / anchor["ms_per_step"] if anchor else None
-
-
-# ------------------------------------------------------------------------------ targets
-_FUSED_TARGET = ("adam", "adamw", "sgd", "sgd_momentum", "sgd_nesterov", "adagrad")
-_HALF_TARGET = ("rmsprop", "radam", "adadelta")
-
-
-def _best_optimkit(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    ok = [r for r in rows if r["library"] == "optimkit" and r["status"] == "ok"]
-    return min(ok, key=lambda r: r["ms_per_step"]) if ok else None
-
-
-def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """The issue's speed targets, checked against the best optimkit path (opt-in ones included:
-    flat=True, compile=True). The first-step budget applies to the paths that may be defaults,
-    so the compiled rows (opt-in because they cannot meet it warm) are not counted there."""
-    out: list[dict[str, Any]] = []
-    results = report["results"]
-
-    def add(target: str, set_name: str, algo: str, value: float | None, limit: float, le: bool) -> None:
-        met = None if value is None else (value <= limit if le else value >= limit)
-        out.append(dict(target=target, set=set_name, optimizer=algo, value=value, limit=limit, met=met))
-
-    for set_name in report["sets"]:
-        for algo in report["bytes_per_param"]:
-            rows = [r for r in results if r["set"] == set_name and r["optimizer"] == algo]
-            best = _best_optimkit(rows)
-            by_label = {r["label"]: r for r in rows if r["status"] == "ok"}
-            if algo in _FUSED_TARGET:
-                ref = by_label.get("torch fused")
-                v = best["ms_per_step"] / ref["ms_per_step"] if best and ref else None
-                add("<= 1.0x torch fused", set_name, algo, v, 1.0, True)
-            elif algo in _HALF_TARGET:
-                v = best["ratio_to_anchor"] if best else None
-                add("<= 0.5x torch fastest", set_name, algo, v, 0.5, True)
-            elif algo == "prodigy":
-                v = best["ratio_to_anchor"] if best else None
-                add("<= 0.30x prodigyopt", set_name, algo, v, 0.30, True)
-                add(">= 60% of floor", set_name, algo, best["floor_fraction"] if best else None, 0.60, False)
-            if set_name == "small":
-                add(">= 50% of floor (many small tensors)", set_name, algo,
-                    best["floor_fraction"] if best else None, 0.50, False)
-            cold = [r["cold_ms"] for r in rows if r["library"] == "optimkit" and r["status"] == "ok"
-                    and r["impl"] != "flat+compiled"]
-            add("first step <= 10 s cold", set_name, algo, max(cold) / 1e3 if cold else None, 10.0, True)
-    return out
-
-
-# ------------------------------------------------------------------------------ printing
-def _fmt_ms(ms: float) -> str:
-    return f"{ms:.3g}" if ms < 1000 else f"{ms:,.0f}"
-
-
-def format_fraction(fraction: float) -> str:
-    """How the table prints a floor fraction (tests recompute it from the JSON numbers)."""
-    pct = 100 * fraction
-    return f"{pct:.1f}%" if pct < 10 else f"{pct:.0f}%"
-
-
-def print_report(report: dict[str, Any], console: Any) -> None:
-    """Print one rich table per parameter set, then the targets."""
-    from rich.table import Table
-
-    bw = report["bandwidth"]
-    meta = report["meta"]
-    console.print(
-        f"optimkit bench: torch {meta['torch']}, {meta['threads']} threads, {meta['cpu']}; "
-        f"bandwidth (copy, read+write) median {bw['GBps']:.1f} GB/s "
-        f"(windows {min(bw['windows_GBps']):.1f}-{max(bw['windows_GBps']):.1f}; each floor uses the "
-        f"median measured alongside that optimizer); "
-        f"load avg before {meta['loadavg_before'][0]:.2f}, after {meta['loadavg_after'][0]:.2f}"
-    )
-    notes: list[str] = []
-    for set_name, smeta in report["sets"].items():
-        table = Table(
-            title=f"{set_name}: {smeta['params']:,} fp32 parameters in {smeta['tensors']} tensors",
-            title_justify="left",
-        )
-        for col, just in (("optimizer", "left"), ("implementation", "left"), ("ms/step", "right"),
-                          ("vs anchor", "right"), ("floor", "right"), ("cold ms", "right"),
-                          ("state B/param", "right")):
-            table.add_column(col, justify=just, no_wrap=True)  # type: ignore[arg-type]
-        algos = list(dict.fromkeys(r["optimizer"] for r in report["results"] if r["set"] == set_name))
-        for ai, algo in enumerate(algos):
-            rows = [r for r in report["results"] if r["set"] == set_name and r["optimizer"] == algo]
-            for i, r in enumerate(rows):
-                name = ""
-                if i == 0:
-                    name = TITLES[algo]
-                elif i == 1:
-                    name = f"{BYTES_PER_PARAM[algo]} B/param"
-                elif i == 2:
-                    name = f"floor {_fmt_ms(r['floor_ms'])} ms"
-                elif i == 3:
-                    name = f"at {r['bandwidth_GBps']:.1f} GB/s"
-                if r["status"] != "ok":
-                    cells = [r["status"]] + ["", "", "", ""]
-                    notes.append(f"{set_name} / {TITLES[algo]} / {r['label']}: {r['reason']}")
-                else:
-                    ratio = r.get("ratio_to_anchor")
-                    rtxt = "" if ratio is None else f"{ratio:.2f}x" + (" (anchor)" if r["is_anchor"] else "")
-                    cells = [
-                        _fmt_ms(r["ms_per_step"]),
-                        rtxt,
-                        format_fraction(r["floor_fraction"]),
-                        _fmt_ms(r["cold_ms"]),
-                        f"{r['state_bytes_per_param']:.1f}",
-                    ]
-                table.add_row(name, r["label"], *cells, end_section=(i == len(rows) - 1 and ai < len(algos) - 1))
-        console.print(table)
-    if report.get("targets"):
-        console.print(targets_table(report["targets"]))
-    for n in notes:
-        console.print(f"note: {n}", highlight=False)
-
-
-def targets_table(targets: list[dict[str, Any]]) -> Any:
-    """The issue's targets, one row per (set, optimizer)."""
-    from rich.table import Table
-
-    t = Table(title="targets (best optimkit path, opt-in flat/compile included; first step: "
-              "paths that can be defaults)", title_justify="left")
-    for col in ("set", "optimizer", "speed", "floor", "first step", "all met"):
-        t.add_column(col, no_wrap=True)
-    keys = list(dict.fromkeys((tg["set"], tg["optimizer"]) for tg in targets))
-    for set_name, algo in keys:
-        cells = {"speed": "", "floor": "", "first step": ""}
-        mets = []
-        for tg in targets:
-            if (tg["set"], tg["optimizer"]) != (set_name, algo):
-                continue
-            v, met = tg["value"], tg["met"]
-            mets.append(met)
-            mark = {True: "ok", False: "NO", None: "n/a"}[met]
-            if "floor" in tg["target"]:
-                col, txt = "floor", f"{'n/a' if v is None else format_fraction(v)} (>= {tg['limit']:.0%}) {mark}"
-            elif "cold" in tg["target"]:
-                col, txt = "first step", f"{'n/a' if v is None else f'{v:.2f} s'} {mark}"
-            else:
-                col, txt = "speed", f"{'n/a' if v is None else f'{v:.2f}x'} ({tg['target']}) {mark}"
-            cells[col] = f"{cells[col]}; {txt}" if cells[col] else txt
-        allmet = "n/a" if any(m is None for m in mets) else ("yes" if all(mets) else "NO")
-        t.add_row(set_name, TITLES[algo], cells["speed"], cells["floor"], cells["first step"], allmet)
-    return t
-
-
 # ----------------------------------------------------------------------------------- CLI
-def _parse_list(value: str, choices: Sequence[str], what: str) -> list[str]:
-    items = [x.strip().lower().replace("-", "_") for x in value.split(",") if x.strip()]
-    if items == ["all"]:
-        return list(choices)
-    bad = [x for x in items if x not in choices]
-    if bad or not items:
-        raise argparse.ArgumentTypeError(
-            f"invalid {what} {','.join(bad) or value!r}; expected a comma-separated subset of "
-            f"{', '.join(choices)} (or 'all')"
-        )
-    return list(dict.fromkeys(items))
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The ``optimkit bench`` argument parser."""
-    p = argparse.ArgumentParser(
-        prog="optimkit bench",
-        description="Time one optimizer step of optimkit, torch.optim and prodigyopt against the "
-        "memory-bandwidth floor (see docs/performance.md).",
-    )
-    p.add_argument("--sets", default="transformer,small",
-                   type=lambda v: _parse_list(v, SETS, "set"),
-                   help="parameter sets: transformer (~25M params, 148 tensors), small (~2M params, "
-                   "2000 tensors); default: both")
-    p.add_argument("--optimizers", default="all",
-                   type=lambda v: _parse_list(v, ALGORITHMS, "optimizer"),
-                   help=f"comma-separated subset of {', '.join(ALGORITHMS)}; default: all")
-    p.add_argument("--repeats", type=int, default=None,
-                   help="timed windows per candidate (median taken); default 7, 3 with --quick")
-    p.add_argument("--warmup", type=int, default=None,
-                   help="untimed steps after the cold first step; default 3, 1 with --quick")
-    p.add_argument("--ref-repeats", type=int, default=None,
-                   help="windows for the slow per-tensor loops (optimkit reference, torch for-loop); "
-                   "default min(3, repeats)")
-    p.add_argument("--window", type=float, default=None,
-                   help="target seconds per timed window; default 0.1 (0.005 with --quick)")
-    p.add_argument("--quick", action="store_true",
-                   help="tiny parameter sets and few repetitions: a smoke run, not a measurement")
-    p.add_argument("--compiled", action=argparse.BooleanOptionalAction, default=None,
-                   help="also time the compile=True paths (flat=True, compile=True) where an "
-                   "optimizer has one (default: on, off with --quick)")
-    p.add_argument("--warm-compile-cache", action="store_true",
-                   help="let the compiled paths use the existing inductor cache (default: a fresh "
-                   "one, so their cold time is a first-ever compile)")
-    p.add_argument("--json", metavar="PATH", help="also write the full results as JSON")
-    p.add_argument("--render", metavar="PATH",
-                   help="measure nothing: print the tables of a JSON written by --json")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads(N) before measuring")
-    p.add_argument("--seed", type=int, default=0, help="seed of the fixed parameters and gradients")
-    return p
-
-
-def config_from_args(args: argparse.Namespace) -> Config:
-    """Turn parsed arguments into a :class:`Config` (quick-mode defaults applied)."""
-    q = args.quick
-    repeats = args.repeats if args.repeats is not None else (3 if q else 7)
-    cfg = Config(
-        sets=args.sets if isinstance(args.sets, list) else _parse_list(args.sets, SETS, "set"),
-        optimizers=args.optimizers if isinstance(args.optimizers, list)
-        else _parse_list(args.optimizers, ALGORITHMS, "optimizer"),
-        repeats=repeats,
-        warmup=args.warmup if args.warmup is not None else (1 if q else 3),
-        ref_repeats=args.ref_repeats if args.ref_repeats is not None else min(3, repeats),
-        window_s=args.window if args.window is not None else (0.005 if q else 0.1),
-        bandwidth_floats=(2**20 if q else 64 * 2**20),
-        quick=q,
-        compiled=args.compiled if args.compiled is not None else not q,
-        cold_compile=not args.warm_compile_cache,
-        seed=args.seed,
-    )
-    if cfg.repeats < 1 or cfg.warmup < 0 or cfg.ref_repeats < 1 or cfg.window_s <= 0:
-        raise ValueError("bench: --repeats and --ref-repeats must be >= 1, --warmup >= 0, --window > 0")
-    return cfg
-
-
 def main(argv: list[str] | None = None) -> int:
-    """``optimkit bench``: run the benchmark, print the tables, optionally write JSON."""
-    from rich.console import Console
+    """``optimkit bench`` (:func:`optimkit.bench_cli.main`): 1 when some candidate failed."""
+    from .bench_cli import main as cli_main
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.render:
-        with open(args.render) as f:
-            saved = json.load(f)
-        _fill_derived(saved["results"], saved["sets"])
-        saved["targets"] = evaluate_targets(saved)
-        print_report(saved, Console(width=None if sys.stdout.isatty() else 140))
-        return 0
-    try:
-        cfg = config_from_args(args)
-    except ValueError as e:
-        parser.error(str(e))
-    old_threads = torch.get_num_threads()
-    if args.threads is not None:
-        if args.threads < 1:
-            parser.error("--threads must be >= 1")
-        torch.set_num_threads(args.threads)
-    # A file or pipe gets a fixed wide table instead of rich's 80-column default.
-    out = Console(width=None if sys.stdout.isatty() else 140)
-    err = Console(stderr=True)
-    try:
-        report = run_benchmark(cfg, log=lambda s: err.print(s, highlight=False))
-    finally:
-        torch.set_num_threads(old_threads)  # main() may be called in-process (tests, the CLI)
-    report["meta"]["command"] = " ".join(["optimkit bench", *(argv if argv is not None else sys.argv[1:])])
-    print_report(report, out)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1, default=str)
-        err.print(f"wrote {args.json}", highlight=False)
-    return 0
+    return cli_main(argv)
 
 
 # ------------------------------------------------------------------------------ host info
