@@ -501,9 +501,10 @@ BUILTIN_TASKS: dict[str, Callable[[bool], Task]] = {
     "mnist1d": make_mnist1d,
     "fashion": make_fashion,
     "fortunes": lambda quick=False: importlib.import_module(".tasks_extra", __package__).make_fortunes(quick),
+    "fortunes_ft": lambda quick=False: importlib.import_module(".tasks_extra", __package__).make_fortunes_ft(quick),
 }
 DEFAULT_SUITE: tuple[str, ...] = ("logreg", "cnn", "charlm", "docbow")
-OPTIONAL_TASKS: tuple[str, ...] = ("mnist1d", "fashion", "fortunes")
+OPTIONAL_TASKS: tuple[str, ...] = ("mnist1d", "fashion", "fortunes", "fortunes_ft")
 
 
 def build_task(spec: str, quick: bool = False) -> Task:
