@@ -200,6 +200,32 @@ def table(results: dict[str, Any], target: float) -> str:
     return "\n".join(lines)
 
 
+#: table key of optimkit.guide.presets.NO_TUNING -> the task families it is chosen on
+KINDS: dict[str, tuple[str, ...]] = {
+    "linear": ("convex",), "cnn": ("image",), "transformer": ("transformer",), "mlp": ("mlp",),
+    "sparse": ("sparse",), "fine_tune": ("fine-tune",), "any": (),
+}
+
+
+def choose(results: dict[str, Any]) -> dict[str, tuple[str, dict[str, float]]]:
+    """Per kind of model: the candidate with the smallest worst gap over that kind's tasks
+    (``any``: over every task), ties to the earlier candidate; with the gaps it had."""
+    out = {}
+    names = [n for n in PRESETS if all(n in e["presets"] for e in results["tasks"].values())]
+    for kind, families in KINDS.items():
+        tasks = {t: e for t, e in results["tasks"].items() if not families or e["family"] in families}
+        if not tasks:
+            continue
+
+        def worst(n: str) -> float:
+            gaps = [e["presets"][n].get("gap") for e in tasks.values()]
+            return math.inf if any(g is None for g in gaps) else max(gaps)
+
+        best = min(names, key=worst)
+        out[kind] = (best, {t: round(e["presets"][best]["gap"], 4) for t, e in tasks.items()})
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tasks", nargs="+", default=None, help="default: every built-in and optional task")
@@ -210,7 +236,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--target", type=float, default=0.01)
     ap.add_argument("--json", default=f"docs/presets-{_dt.date.today().isoformat()}.json")
     ap.add_argument("--merge", default=None, help="add these rows to an existing JSON (AdamW grid kept)")
+    ap.add_argument("--choose", default=None, metavar="JSON",
+                    help="print the table of optimkit.guide.presets.NO_TUNING chosen from a results file")
     a = ap.parse_args(argv)
+    if a.choose:
+        with open(a.choose) as f:
+            results = json.load(f)
+        print(table(results, results.get("target", a.target)))
+        for kind, (preset, gaps) in choose(results).items():
+            print(f"    {kind!r}: NoTuningPreset({preset!r}, {tuple(gaps)!r}, {gaps!r}),")
+        return 0
     torch.set_num_threads(1)  # small models: one thread is fastest and deterministic
 
     presets = available_presets()
