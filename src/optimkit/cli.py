@@ -146,7 +146,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{_PROG} {args.command}: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"{_PROG} {args.command}: interrupted", file=sys.stderr)
+        hint = " (finished trials are stored: run the same command again to continue)" if (
+            args.command == "compare" and not args.no_report) else ""
+        print(f"{_PROG} {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
 
 

@@ -392,7 +392,9 @@ def start_workers(n: int, url: str, study_name: str, meta: dict[str, Any], devic
     # fork where it exists: the workers inherit the imported modules and the built tasks
     # (importing torch and building the docstring task costs ~10 s per process otherwise);
     # each worker sets one torch thread before any op, so no OpenMP pool crosses the fork
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    # (an accelerator's runtime does not survive a fork: spawn for anything but the CPU)
+    fork = "fork" in mp.get_all_start_methods() and device == "cpu"
+    ctx = mp.get_context("fork" if fork else "spawn")
     _INHERITED_TASKS.clear()
     _INHERITED_TASKS.update(tasks)
     queue, done = ctx.Queue(), ctx.Event()
