@@ -37,6 +37,7 @@ from .. import _torch_compat as tc
 from .._base import PARAM_SHAPE, SCALAR, GroupWork, OptimizerBase, ParamsT
 from .._impl import group_by_device_dtype
 from .._validation import check_bool, check_eps, check_finite_nonnegative, check_range
+from ._prodigy.nonfinite import _caller_level
 
 #: elements of the fused path's scratch first-moment buffer per (device, dtype): small enough
 #: to stay in cache and to cost nothing in memory, large enough that a kernel call is long
@@ -147,7 +148,9 @@ class RMSprop(OptimizerBase):
                 f"{type(self).__name__}: fused=True has no single-pass kernel for centered=True "
                 f"or momentum > 0 (this group: centered={g['centered']}, "
                 f"momentum={g['momentum']}); it uses the foreach path",
-                RuntimeWarning, stacklevel=3,
+                # the user's constructor or add_param_group call, however deep torch's
+                # Optimizer.__init__ -> add_param_group chain is (stacklevel=3 named _base.py)
+                RuntimeWarning, stacklevel=_caller_level(),
             )
 
     def _fused_applies(self, group: dict[str, Any]) -> bool:
