@@ -244,9 +244,10 @@ def test_report_files_from_a_real_run(real):
 
 def test_tensorboard_missing_is_one_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(export, "tensorboard_available", lambda: False)
-    with pytest.raises(RuntimeError, match=r"pip install 'optimkit\[tensorboard\]'") as e:
+    with pytest.raises(export.TensorBoardUnavailable, match=r"pip install 'optimkit\[tensorboard\]'") as e:
         rep.write_report(_result([_row("a", 1, 0.9)]), tmp_path / "r", tensorboard=str(tmp_path / "tb"))
     assert "\n" not in str(e.value) and not (tmp_path / "r").exists()  # checked before writing anything
+    assert isinstance(e.value, ValueError)  # the CLI prints a ValueError as one line, exit 2
 
 
 def test_wall_axis_and_bad_axis(tmp_path):

@@ -11,7 +11,15 @@ import re
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TRIAL_COLUMNS", "trial_rows", "write_trials_csv", "write_tensorboard", "tensorboard_available"]
+__all__ = [
+    "TRIAL_COLUMNS",
+    "TensorBoardUnavailable",
+    "trial_rows",
+    "write_trials_csv",
+    "write_tensorboard",
+    "tensorboard_available",
+    "require_tensorboard",
+]
 
 #: the CSV header: one line per trial (task, optimizer, hyperparameter point, seed)
 TRIAL_COLUMNS = [
@@ -72,6 +80,20 @@ def tensorboard_available() -> bool:
     return importlib.util.find_spec("tensorboard") is not None
 
 
+class TensorBoardUnavailable(ValueError):
+    """``--tensorboard`` was asked for but the ``tensorboard`` package is not installed.
+
+    A ``ValueError``: like a bad option value, the CLI reports it as one line (exit 2)."""
+
+
+def require_tensorboard() -> None:
+    """Raise :class:`TensorBoardUnavailable` (one line: how to install it) unless tensorboard
+    is importable; call it before a run that will write events."""
+    if not tensorboard_available():
+        raise TensorBoardUnavailable("--tensorboard needs the tensorboard package: "
+                                     "pip install 'optimkit[tensorboard]'")
+
+
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.=,+-]+")
 
 
@@ -90,10 +112,9 @@ def write_tensorboard(result: dict[str, Any], logdir: str | Path) -> dict[str, i
     written}``.
 
     Raises:
-        RuntimeError: ``tensorboard`` is not installed (one line: how to install it).
+        TensorBoardUnavailable: ``tensorboard`` is not installed (one line: how to install it).
     """
-    if not tensorboard_available():
-        raise RuntimeError("--tensorboard needs the tensorboard package: pip install 'optimkit[tensorboard]'")
+    require_tensorboard()
     from torch.utils.tensorboard import SummaryWriter
 
     root = Path(logdir)

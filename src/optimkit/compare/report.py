@@ -408,8 +408,9 @@ def write_report(result: dict[str, Any], out: str | Path, *, tensorboard: str | 
     ``out`` gets ``results.json``, ``trials.csv``, the PNG plots (curves per task, Prodigy's d,
     the lr sensitivity, the performance profile when the result has one) and ``index.html``
     (opens with the verdict). ``tensorboard``: also write every curve as TensorBoard events
-    into that folder (needs the ``tensorboard`` package; RuntimeError otherwise, raised before
-    anything is written). ``x_axis``: ``"step"`` or ``"wall"`` (seconds of training) for the
+    into that folder (needs the ``tensorboard`` package: :class:`~.export.TensorBoardUnavailable`,
+    a ValueError, otherwise, raised before anything is written; the CLI can call
+    :func:`~.export.require_tensorboard` before the run). ``x_axis``: ``"step"`` or ``"wall"`` (seconds of training) for the
     curve plots.
     """
     if x_axis not in ("step", "wall"):
@@ -417,8 +418,8 @@ def write_report(result: dict[str, Any], out: str | Path, *, tensorboard: str | 
     from . import export, plots
     from .html_page import render_html
 
-    if tensorboard is not None and not export.tensorboard_available():
-        raise RuntimeError("--tensorboard needs the tensorboard package: pip install 'optimkit[tensorboard]'")
+    if tensorboard is not None:
+        export.require_tensorboard()  # before anything is written
     import matplotlib
 
     matplotlib.use("Agg", force=True)  # headless; never opens a window

@@ -67,26 +67,35 @@ def _score(entry: dict[str, Any], row: dict[str, Any]) -> float | None:
     return row.get("metric") if entry.get("metric") else row.get("val_loss")
 
 
-def _spread(entry: dict[str, Any], row: dict[str, Any]) -> float | None:
-    key = "metric" if entry.get("metric") else "val_loss"
+def _spread(entry: dict[str, Any], row: dict[str, Any], key: str | None = None) -> float | None:
+    key = key or ("metric" if entry.get("metric") else "val_loss")
     for k in (f"{key}_std", f"{key}_sd"):
         if isinstance(row.get(k), (int, float)):
             return float(row[k])
     return None
 
 
-def tied(entry: dict[str, Any], a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """``a`` and ``b`` are indistinguishable: the same rank, or scores closer than the larger
-    seed spread (standard deviation over seeds), or than the printed precision without one."""
-    if a.get("rank") is not None and a.get("rank") == b.get("rank"):
-        return True
-    sa, sb = _score(entry, a), _score(entry, b)
+def _close(entry: dict[str, Any], a: dict[str, Any], b: dict[str, Any], key: str) -> bool:
+    """``a[key]`` and ``b[key]`` differ by no more than the larger seed spread (standard
+    deviation over seeds), or than the printed precision without one."""
+    sa, sb = a.get(key), b.get(key)
     if sa is None or sb is None:
         return False
-    spread = max((s for s in (_spread(entry, a), _spread(entry, b)) if s is not None), default=None)
+    spread = max((s for s in (_spread(entry, a, key), _spread(entry, b, key)) if s is not None), default=None)
     if spread is not None and spread > 0:
         return abs(sa - sb) <= spread
     return abs(sa - sb) <= TIE_REL * max(abs(sa), abs(sb), 1e-12)
+
+
+def tied(entry: dict[str, Any], a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """``a`` and ``b`` are indistinguishable: the same rank, or, on the ranking's own terms
+    (the metric, then the validation loss), no difference beyond the seed spread (or the
+    printed precision without one)."""
+    if a.get("rank") is not None and a.get("rank") == b.get("rank"):
+        return True
+    if entry.get("metric") and not _close(entry, a, b, "metric"):
+        return False
+    return _close(entry, a, b, "val_loss")
 
 
 def edge_side(entry: dict[str, Any], row: dict[str, Any]) -> str | None:
@@ -161,7 +170,11 @@ def task_verdict(result: dict[str, Any], name: str) -> dict[str, Any]:
         head = f"{name}: use **{best['optimizer']}** ({hyperparameters(best)}): best {what}, {_g(score)}{extra}"
         if len(rows) > 1:
             nxt = rows[1]
-            head += f", ahead of {nxt['optimizer']} ({_g(_score(entry, nxt))})"
+            if metric and _close(entry, best, nxt, "metric"):
+                head += (f", ahead of {nxt['optimizer']} on validation loss ({_g(nxt.get('val_loss'))}) at the same "
+                         f"{metric}")
+            else:
+                head += f", ahead of {nxt['optimizer']} ({_g(_score(entry, nxt))})"
         head += "."
     dflt = next((r for r in entry.get("results", []) if r.get("kind") == "default"
                  and r.get("optimizer") == best["optimizer"]), None)
