@@ -94,7 +94,7 @@ def require_tensorboard() -> None:
                                      "pip install 'optimkit[tensorboard]'")
 
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9_.=,+-]+")
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.=,+@-]+")
 
 
 def _run_dir(label: str) -> str:
