@@ -34,7 +34,8 @@ td.l,th.l{text-align:left}td.wrap{white-space:normal;min-width:14em;max-width:40
 th{background:#f3f3f3;position:sticky;top:0}
 tr.unranked td{color:#888}
 img{max-width:100%;height:auto;border:1px solid #eee;display:block;margin:0.5em 0}
-pre{background:#f6f6f6;border:1px solid #e3e3e3;padding:0.6em;overflow-x:auto;white-space:pre;font-size:90%}
+pre{background:#f6f6f6;border:1px solid #e3e3e3;padding:0.6em;white-space:pre-wrap;overflow-wrap:anywhere;
+ font-size:90%}
 .small{color:#666;font-size:90%}
 code{font-size:92%;overflow-wrap:anywhere}
 details.hp{margin:0.5em 0 1em}details.hp summary{cursor:pointer;font-weight:600}details.hp li{margin:0.3em 0}
