@@ -75,10 +75,62 @@ def not_traced(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 # -- torch's fused single-pass kernels (CPU and CUDA) ---------------------------------------
-fused_adam_ = not_traced(torch._fused_adam_)
-fused_adamw_ = not_traced(torch._fused_adamw_)
-fused_sgd_ = not_traced(torch._fused_sgd_)
-fused_adagrad_ = not_traced(torch._fused_adagrad_)
+#: CPU tensors with fewer elements run torch's fused kernels on one thread (the value of
+#: ATen's ``GRAIN_SIZE``, below which its elementwise ops never go parallel); the reason and
+#: the measurements are in ``optimkit._impl`` ("Small tensors and parallel regions").
+SERIAL_BELOW_NUMEL = 32768
+
+
+def serial_for_small(kernel: Callable[..., Any]) -> Callable[..., Any]:
+    """``kernel`` (a ``torch._fused_*_`` op taking per-tensor lists first), with its small CPU
+    tensors stepped on one thread.
+
+    torch's fused CPU kernels split every tensor over the intra-op threads with grain size 0:
+    one OpenMP parallel region per tensor, whatever its size. Tensors below
+    :data:`SERIAL_BELOW_NUMEL` run in a call made under ``torch.set_num_threads(1)`` (a parallel
+    region then runs inline on the calling thread), larger ones in a second call with the
+    caller's threads. The kernel splits each tensor at cache-line-aligned boundaries and the
+    per-element math does not depend on the split, so the results are bit-identical to one
+    call on all threads; every list argument as long as the first is split the same way."""
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        tensors = args[0]
+        if not tensors or not tensors[0].is_cpu:
+            return kernel(*args, **kwargs)
+        threads = torch.get_num_threads()
+        if threads == 1:
+            return kernel(*args, **kwargs)
+        small = [t.numel() < SERIAL_BELOW_NUMEL for t in tensors]
+        n_small = sum(small)
+        if n_small == 0:
+            return kernel(*args, **kwargs)
+        if n_small < len(small):
+            n = len(small)
+
+            def part(keep: bool) -> tuple[list[Any], dict[str, Any]]:
+                def cut(a: Any) -> Any:
+                    if isinstance(a, (list, tuple)) and len(a) == n:
+                        return [x for x, s in zip(a, small) if s == keep]
+                    return a
+                return [cut(a) for a in args], {k: cut(v) for k, v in kwargs.items()}
+
+            big_args, big_kwargs = part(False)
+            kernel(*big_args, **big_kwargs)
+            args_t, kwargs_d = part(True)
+            args, kwargs = tuple(args_t), kwargs_d
+        torch.set_num_threads(1)  # ~0.5 us for the pair, measured here
+        try:
+            return kernel(*args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+
+    return run
+
+
+fused_adam_ = not_traced(serial_for_small(torch._fused_adam_))
+fused_adamw_ = not_traced(serial_for_small(torch._fused_adamw_))
+fused_sgd_ = not_traced(serial_for_small(torch._fused_sgd_))
+fused_adagrad_ = not_traced(serial_for_small(torch._fused_adagrad_))
 
 #: device types on which torch ships the fused kernels above
 FUSED_DEVICE_TYPES = ("cpu", "cuda")
