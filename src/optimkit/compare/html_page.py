@@ -193,7 +193,8 @@ def render_html(result: dict[str, Any], files: dict[str, str], x_axis: str = "st
             parts.append(f"<p class='small'>Curves of the ranked rows against {what}; line = seed mean, band = "
                          "min-max over seeds; markers and line styles tell overlapping optimizers apart.</p>"
                          + _img(files[f"loss_{name}"], f"loss curves of {name}"))
-        if entry.get("sweeps") and not any(r.get("kind") == "best" for r in entry.get("results", [])):
+        grid = cfg.get("lr_sweep") or cfg.get("sampler") == "grid"
+        if entry.get("sweeps") and (grid or not any(r.get("kind") == "best" for r in entry.get("results", []))):
             parts.append("<h3>Learning-rate sweep</h3>" + _table(_sweep_cols(entry)))
         parts.append(_hparams_list(entry))
     if "lr_sweep" in files:

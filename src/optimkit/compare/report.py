@@ -276,9 +276,13 @@ def table_title(result: dict[str, Any], name: str) -> str:
     """``task: description (steps, seeds) — what kind of comparison``."""
     entry = result["tasks"][name]
     seeds = result.get("config", {}).get("seeds")
-    what = ("out of the box (default hyperparameters only)" if _mode(result) == "default"
-            else f"tuned: best of {result.get('config', {}).get('budget') or 'the grid'} trial(s) per optimizer, "
-                 "default alongside")
+    cfg = result.get("config", {})
+    if _mode(result) == "default":
+        what = "out of the box (default hyperparameters only)"
+    elif cfg.get("budget"):
+        what = f"tuned: best of {cfg['budget']} trial(s) per optimizer, default alongside"
+    else:
+        what = "tuned: best of the lr grid per optimizer, default alongside"
     return f"{name}: {entry.get('description', '')} ({entry.get('steps')} steps, {seeds} seed(s)) — {what}"
 
 
@@ -376,7 +380,10 @@ def print_report(result: dict[str, Any], console: Any = None) -> None:
         console.print(result["title"], markup=False, highlight=False)
     for name, entry in result.get("tasks", {}).items():
         console.print(_rich_table(table_title(result, name), _task_cols(entry, mode), width))
-        if entry.get("sweeps") and not any(r.get("kind") == "best" for r in entry.get("results", [])):
+        # the grid of --lr-sweep reads best as its own table; a --budget's random points are
+        # summarised by the budget table's sensitivity columns (and plotted in lr_sweep.png)
+        grid = result.get("config", {}).get("lr_sweep") or result.get("config", {}).get("sampler") == "grid"
+        if entry.get("sweeps") and (grid or not any(r.get("kind") == "best" for r in entry.get("results", []))):
             console.print(_rich_table(f"{name}: learning-rate sweep (good range: val loss within 10% of the best)",
                                       _sweep_cols(entry), width))
     if result.get("overall"):

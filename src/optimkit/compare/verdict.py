@@ -170,9 +170,12 @@ def task_verdict(result: dict[str, Any], name: str) -> dict[str, Any]:
         head = f"{name}: use **{best['optimizer']}** ({hyperparameters(best)}): best {what}, {_g(score)}{extra}"
         if len(rows) > 1:
             nxt = rows[1]
-            if metric and _close(entry, best, nxt, "metric"):
+            if metric and _g(best.get("metric")) == _g(nxt.get("metric")):
                 head += (f", ahead of {nxt['optimizer']} on validation loss ({_g(nxt.get('val_loss'))}) at the same "
                          f"{metric}")
+            elif metric and _close(entry, best, nxt, "metric"):
+                head += (f", ahead of {nxt['optimizer']} ({_g(_score(entry, nxt))}, within the seed spread; the "
+                         f"validation loss decides: {_g(best.get('val_loss'))} vs {_g(nxt.get('val_loss'))})")
             else:
                 head += f", ahead of {nxt['optimizer']} ({_g(_score(entry, nxt))})"
         head += "."
