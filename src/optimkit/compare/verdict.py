@@ -137,11 +137,16 @@ def _overfits(row: dict[str, Any]) -> bool:
     return va >= OVERFIT_RATIO * max(tr, 0.0) and va - tr >= OVERFIT_GAP
 
 
-def task_verdict(result: dict[str, Any], name: str) -> dict[str, Any]:
+_DEFAULT_ONLY = ("ranked at each optimizer's default hyperparameters only: this measures how well each default "
+                 "suits this task, not how good the optimizer is once tuned (use --budget N)")
+
+
+def task_verdict(result: dict[str, Any], name: str, brief: bool = False) -> dict[str, Any]:
     """The verdict of one task: ``{"winner", "tied", "text", "caveats"}``.
 
     ``winner`` is None when no run finished; ``tied`` lists the labels indistinguishable from
-    the winner (the winner first)."""
+    the winner (the winner first). ``brief``: the default-only caveat in three words (the
+    overall verdict above it explains it once)."""
     entry = result["tasks"][name]
     kind = entry.get("ranked_kind")
     every = [r for r in entry.get("results", []) if kind is None or r.get("kind", kind) == kind]
@@ -197,8 +202,7 @@ def task_verdict(result: dict[str, Any], name: str) -> dict[str, Any]:
 
     mode = _mode(result)
     if mode == "default":
-        caveats.append("ranked at each optimizer's default hyperparameters only: this measures how well each "
-                       "default suits this task, not how good the optimizer is once tuned (use --budget N)")
+        caveats.append("default hyperparameters only" if brief else _DEFAULT_ONLY)
     edges = [(r["optimizer"], side) for r in rows[: max(3, len(group))] if (side := edge_side(entry, r))]
     if edges:
         caveats.append("best lr on the edge of the range tried for "
@@ -225,7 +229,8 @@ def verdict(result: dict[str, Any]) -> dict[str, Any]:
 
     Returns ``{"text": str, "tasks": {name: task_verdict}, "overall": str | None}``; ``text``
     is the whole verdict as paragraphs separated by blank lines (``**x**`` marks the pick)."""
-    tasks = {name: task_verdict(result, name) for name in result.get("tasks", {})}
+    several = len(result.get("tasks", {})) > 1
+    tasks = {name: task_verdict(result, name, brief=several) for name in result.get("tasks", {})}
     overall = None
     rows = [r for r in result.get("overall") or [] if r.get("rank") is not None]
     if len(tasks) > 1:
@@ -236,14 +241,15 @@ def verdict(result: dict[str, Any]) -> dict[str, Any]:
             same = [r for r in rows[1:] if r.get("rank") == top.get("rank")]
             n = len(tasks)
             how = f"mean rank {_g(top.get('mean_rank'))}, best on {top.get('wins', 0)} of {n} tasks"
+            lead = ""
             if top.get("profile_area") is not None:
-                how = (f"performance-profile score {_g(top['profile_area'])} of 1 (1: the fewest steps to the target "
-                       "on every task); " + how)
+                lead = " reach the targets in the fewest steps" if same else " reaches the targets in the fewest steps"
+                how = f"performance-profile score {_g(top['profile_area'])}, 1 = fastest on every task; " + how
             if same:
-                overall = (f"Overall: **{top['optimizer']}** and {', '.join(r['optimizer'] for r in same)} tie "
-                           f"({how}).")
+                overall = (f"Overall: **{top['optimizer']}** and {', '.join(r['optimizer'] for r in same)} tie:"
+                           f" they{lead or ' rank equal'} ({how}).")
             else:
-                overall = f"Overall, across {n} tasks: **{top['optimizer']}** ({how})."
+                overall = f"Overall, across {n} tasks: **{top['optimizer']}**{lead} ({how})."
             by_rank = min(rows, key=lambda r: (r.get("mean_rank") is None, r.get("mean_rank") or 0.0))
             if top.get("profile_area") is not None and by_rank is not top and \
                     by_rank.get("mean_rank") != top.get("mean_rank"):
@@ -251,6 +257,6 @@ def verdict(result: dict[str, Any]) -> dict[str, Any]:
                             f" instead, {by_rank['optimizer']} has the best mean rank ({_g(by_rank.get('mean_rank'))}):"
                             " faster to the target is not the same as better at the end.")
             if _mode(result) == "default":
-                overall += " At default hyperparameters only."
+                overall += " Caveats: " + _DEFAULT_ONLY.replace("this task", "these tasks") + "."
     paras = ([overall] if overall else []) + [v["text"] for v in tasks.values()]
     return {"text": "\n\n".join(paras), "tasks": tasks, "overall": overall}
