@@ -45,7 +45,7 @@ def make_blobs(sleep_s: float = 0.0) -> Task:
 
 
 def make_slow_blobs() -> Task:
-    return make_blobs(sleep_s=0.004)
+    return make_blobs(sleep_s=0.008)
 
 
 class _Exploding(nn.Module):
@@ -287,3 +287,14 @@ def test_eta_in_a_real_run_is_within_2x():
     # after both tasks' first trials (40 steps done), with work still left
     t, _, eta = next(x for x in rec.seen if x[1] >= 40 and x[2] is not None)
     assert 0.5 <= eta / (end - t) <= 2.0, (eta, end - t)
+
+
+def make_task_that_raises() -> Task:
+    return {}["no such key"]  # LINE_OF_TASK_ERROR
+
+
+def test_task_function_that_raises_names_the_line(capsys):
+    rc = main(["compare", "--task", f"{THIS}:make_task_that_raises", "--no-report", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    line = next(i for i, l in enumerate(THIS.read_text().splitlines(), 1) if "LINE_OF_TASK_ERROR" in l)
+    assert rc == 2 and len(err.splitlines()) == 1 and f"{THIS}:{line} in make_task_that_raises" in err, err

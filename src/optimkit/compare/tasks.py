@@ -555,7 +555,11 @@ def load_user_task(spec: str) -> Task:
     try:
         task = func()
     except Exception as e:  # noqa: BLE001
-        raise ValueError(f"task {spec!r}: {func_name}() failed: {type(e).__name__}: {e}") from e
+        from .trial import user_frame
+
+        where = user_frame(e)
+        at = f" at {where}" if where else ""
+        raise ValueError(f"task {spec!r}: {func_name}() failed: {type(e).__name__}: {e}{at}") from e
     if not isinstance(task, Task):
         raise ValueError(
             f"task {spec!r}: {func_name}() returned {type(task).__name__}; expected optimkit.compare.Task"
