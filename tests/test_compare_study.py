@@ -222,6 +222,11 @@ def test_round2_extends_past_the_edge():
     mid = sorted(lrs)[3]
     scores = {0: ({}, 1.0), **{p.index: (p.params, abs(math.log(p.params["lr"] / mid))) for p in pts[1:]}}
     assert all(0.01 <= p.params["lr"] <= 1.0 for p in st.round2_points(unit, 8, scores))
+    # the best finite value is the highest finite one, but a higher lr ran and diverged (score None):
+    # the optimum is bracketed, so no extension
+    top = sorted(pts[1:], key=lambda p: p.params["lr"])
+    scores = {0: ({}, 1.0), **{p.index: (p.params, -p.params["lr"]) for p in top[:-1]}, top[-1].index: (top[-1].params, None)}
+    assert all(0.01 <= p.params["lr"] <= 1.0 for p in st.round2_points(unit, 8, scores))
     assert st.edge_of([1, 2, 3], 1) == "low" and st.edge_of([1, 2, 3], 3) == "high" and st.edge_of([1, 2, 3], 2) is None
 
 

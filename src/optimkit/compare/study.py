@@ -182,10 +182,11 @@ def round2_points(unit: Unit, budget: int, scores: dict[int, tuple[dict[str, flo
     if finite:
         best = min(finite, key=lambda i: (finite[i][1], i))
         for p, lo, hi in unit.space:
-            side = edge_of([s[0][p] for s in finite.values()], finite[best][0][p])
+            # every value tried counts, diverged ones too: a higher lr that diverged brackets the optimum
+            tried = [s[0][p] for s in tuned.values()]
+            side = edge_of(tried, finite[best][0][p])
             if side:
                 reach = math.sqrt(hi / lo)  # half the range's log-width past the edge
-                tried = [s[0][p] for s in finite.values()]
                 bounds[p] = (min(tried) / reach, min(tried)) if side == "low" else (max(tried), max(tried) * reach)
                 break  # one dimension is extended; the others keep their range
     start = budget - e + 1

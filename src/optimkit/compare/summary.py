@@ -308,7 +308,9 @@ def _task_entry(tmeta: dict[str, Any], units: list[Unit], by_key: dict[str, list
         if tuned and finite:
             brow["sensitivity"] = _sensitivity(pts, tuned, best_i)
             for p in pts[best_i]["params"]:
-                side = edge_of([pts[i]["params"][p] for i in finite], pts[best_i]["params"][p])
+                # every value that ran counts: a higher lr that diverged brackets the optimum
+                ran = [i for i in tuned if any(t is not None and trial_state(t) == "COMPLETE" for t in pts[i]["trials"])]
+                side = edge_of([pts[i]["params"][p] for i in ran], pts[best_i]["params"][p])
                 ext = next((s for s in ("low", "high") if any(
                     pts[i]["round"] == 2 and _outside(pts[i]["params"][p], u, p, s) for i in tuned)), None)
                 brow["extended"] = brow["extended"] or ext
