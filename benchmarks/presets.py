@@ -3,6 +3,8 @@
     python benchmarks/presets.py                                  # every available task
     python benchmarks/presets.py --tasks logreg cnn --seeds 2 --json docs/presets-DATE.json
     python benchmarks/presets.py --presets split --merge docs/presets-DATE.json   # add a row
+    python benchmarks/presets.py --tasks docbow --presets --add-lrs 1 --merge docs/presets-DATE.json
+    python benchmarks/presets.py --choose docs/presets-DATE.json   # the table for guide/presets.py
 
 For every built-in and optional compare task (``optimkit.compare.tasks``; a task whose data is
 missing is skipped with its hint), each candidate Prodigy preset (``optimkit.guide.presets.
@@ -229,13 +231,15 @@ def choose(results: dict[str, Any]) -> dict[str, tuple[str, dict[str, float]]]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tasks", nargs="+", default=None, help="default: every built-in and optional task")
-    ap.add_argument("--presets", nargs="+", default=None, help=f"subset of {', '.join(PRESETS)}")
+    ap.add_argument("--presets", nargs="*", default=None, help=f"subset of {', '.join(PRESETS)} (none: only --add-lrs)")
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--steps", type=int, default=None, help="override every task's step budget")
     ap.add_argument("--lrs", type=float, nargs="+", default=list(ADAMW_LRS))
     ap.add_argument("--target", type=float, default=0.01)
     ap.add_argument("--json", default=f"docs/presets-{_dt.date.today().isoformat()}.json")
     ap.add_argument("--merge", default=None, help="add these rows to an existing JSON (AdamW grid kept)")
+    ap.add_argument("--add-lrs", type=float, nargs="+", default=(),
+                    help="with --merge: AdamW lrs to add to the grid (when the best lr sat at an edge)")
     ap.add_argument("--choose", default=None, metavar="JSON",
                     help="print the table of optimkit.guide.presets.NO_TUNING chosen from a results file")
     a = ap.parse_args(argv)
@@ -249,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)  # small models: one thread is fastest and deterministic
 
     presets = available_presets()
-    if a.presets:
+    if a.presets is not None:
         unknown = set(a.presets) - set(PRESETS)
         if unknown:
             ap.error(f"unknown preset(s) {sorted(unknown)}; expected {', '.join(PRESETS)}")
@@ -279,8 +283,9 @@ def main(argv: list[str] | None = None) -> int:
             if old is None:
                 print(f"skipped {name}: not in {a.merge}", file=sys.stderr)
                 continue
-            new = measure_task(task, presets, (), old["seeds"], old["steps"], adamw=False)
+            new = measure_task(task, presets, tuple(a.add_lrs), old["seeds"], old["steps"], adamw=bool(a.add_lrs))
             old["presets"].update(new["presets"])
+            old["adamw"].update(new["adamw"])
             score(old)
         else:
             results["tasks"][name] = measure_task(task, presets, tuple(a.lrs), a.seeds, a.steps)
