@@ -30,7 +30,7 @@ h1{font-size:1.6em;margin:0.3em 0}h2{font-size:1.3em;margin-top:1.6em;border-bot
 table{border-collapse:collapse;font-variant-numeric:tabular-nums}
 td,th{border:1px solid #ccc;padding:3px 8px;text-align:right;white-space:nowrap;vertical-align:top}
 th{white-space:normal;min-width:3.5em;vertical-align:bottom}
-td.l,th.l{text-align:left}td.wrap{white-space:normal;min-width:14em;max-width:40em}
+td.l,th.l{text-align:left}td.wrap{white-space:normal;min-width:10em;max-width:40em}
 th{background:#f3f3f3;position:sticky;top:0}
 tr.unranked td{color:#888}
 img{max-width:100%;height:auto;border:1px solid #eee;display:block;margin:0.5em 0}
@@ -59,7 +59,7 @@ def _table(cols: list[Any], row_class: list[str] | None = None) -> str:
     for i in range(n):
         cls = f" class='{row_class[i]}'" if row_class and row_class[i] else ""
         tds = "".join(
-            f"<td class='{'l' if c.left else ''}{' wrap' if c.text and c.head not in ('optimizer', '#') else ''}'>"
+            f"<td class='{'l' if c.left else ''}{' wrap' if c.head == 'note' else ''}'>"
             f"{_e(c.cells[i])}</td>" for c in cols)
         body.append(f"<tr{cls}>{tds}</tr>")
     return f"<div class='scroll'><table><thead><tr>{th}</tr></thead><tbody>\n" + "\n".join(body) + "\n</tbody></table></div>"

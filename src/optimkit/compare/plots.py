@@ -185,7 +185,7 @@ def plot_task(entry: dict[str, Any], labels: list[str], palette: dict[str, Any],
         if target is not None and ((ykey == "metric") or (ykey == "val_loss" and not metric)):
             _target_line(ax, target, metric or "val loss")
         ax.set_title(title, fontsize=10)
-        ax.set_xlabel("wall-clock time (s)" if x_axis == "wall" else "step")
+        ax.set_xlabel("training wall time (s; evaluation excluded)" if x_axis == "wall" else "step")
         ax.set_ylabel({"train_loss": "loss", "val_loss": "loss"}.get(ykey, metric or ""))
         ax.grid(True, which="both", alpha=0.25)
     handles, names = axes[0].get_legend_handles_labels()
