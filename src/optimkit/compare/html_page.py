@@ -109,7 +109,7 @@ def _verdict_html(result: dict[str, Any]) -> str:
             out += f" <span class='caveats'><strong>Caveats:</strong> {_e(cav)}</span>"
         return f"<p>{out}</p>"
 
-    paras = "".join(para(p) for p in v["text"].split("\n\n") if p)
+    paras = "".join(para(p) for p in v["text"].split("\n\n") if p) or "<p>No task ran: nothing to recommend.</p>"
     return f"<section class='verdict' id='verdict'><h2 style='border:0;margin:0.2em 0'>Verdict</h2>{paras}</section>"
 
 
