@@ -5,6 +5,7 @@
     python benchmarks/presets.py --presets split --merge docs/presets-DATE.json   # add a row
     python benchmarks/presets.py --tasks docbow --presets --add-lrs 1 --merge docs/presets-DATE.json
     python benchmarks/presets.py --choose docs/presets-DATE.json   # the table for guide/presets.py
+    python benchmarks/presets.py --combine a.json b.json --json docs/presets-DATE.json
 
 For every built-in and optional compare task (``optimkit.compare.tasks``; a task whose data is
 missing is skipped with its hint), each candidate Prodigy preset (``optimkit.guide.presets.
@@ -242,7 +243,24 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --merge: AdamW lrs to add to the grid (when the best lr sat at an edge)")
     ap.add_argument("--choose", default=None, metavar="JSON",
                     help="print the table of optimkit.guide.presets.NO_TUNING chosen from a results file")
+    ap.add_argument("--combine", nargs="+", default=None, metavar="JSON",
+                    help="merge the tasks of several results files (runs split across processes) into --json")
     a = ap.parse_args(argv)
+    if a.combine:
+        results: dict[str, Any] = {}
+        for path in a.combine:
+            with open(path) as f:
+                part = json.load(f)
+            if not results:
+                results = {**part, "tasks": {}, "unavailable": {}, "command": []}
+            results["tasks"].update(part["tasks"])
+            results["unavailable"].update(part["unavailable"])
+            results["command"].append(part["command"])
+        results["unavailable"] = {k: v for k, v in results["unavailable"].items() if k not in results["tasks"]}
+        with open(a.json, "w") as f:
+            json.dump(results, f, indent=1)
+        print(table(results, a.target))
+        return 0
     if a.choose:
         with open(a.choose) as f:
             results = json.load(f)
@@ -266,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.merge:
         with open(a.merge) as f:
             results = json.load(f)
+        results.setdefault("merged", []).append(
+            "python benchmarks/presets.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     else:
         results = {"created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                    "command": "python benchmarks/presets.py " + " ".join(argv if argv is not None else sys.argv[1:]),
