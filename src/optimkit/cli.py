@@ -208,7 +208,7 @@ def _compare(args: argparse.Namespace) -> int:
         out = _check_out(args.out)  # before anything runs: a bad --out fails in a second, not after the run
         storage = str(out / JOURNAL_FILE)
     else:
-        if writes:
+        if writes and not args.worker:  # a worker with --storage writes no report
             _check_out(args.out)
         storage = args.storage
     if args.worker:

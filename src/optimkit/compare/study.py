@@ -69,7 +69,17 @@ def open_storage(url: str) -> Any:
     """Optuna storage for ``url``: a database URL (RDBStorage with heartbeat) or a journal file."""
     optuna = _optuna()
     if is_server_url(url):
-        return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
+        import sqlalchemy.exc
+
+        for attempt in range(6):
+            try:
+                return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
+            except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+                # processes that open a fresh database at once race to create Optuna's tables;
+                # the loser sees a duplicate key: the tables exist now, so try again
+                if attempt == 5:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
     from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
     path = url.removeprefix("journal:")
