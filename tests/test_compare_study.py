@@ -308,3 +308,24 @@ def test_task_function_that_raises_names_the_line(capsys):
     err = capsys.readouterr().err.strip()
     line = next(i for i, l in enumerate(THIS.read_text().splitlines(), 1) if "LINE_OF_TASK_ERROR" in l)
     assert rc == 2 and len(err.splitlines()) == 1 and f"{THIS}:{line} in make_task_that_raises" in err, err
+
+
+def make_killing_task() -> Task:
+    """A task whose model kills its own process (as an OOM killer would) when built in a worker."""
+    t = make_blobs()
+
+    def model():
+        if os.environ.get("OPTIMKIT_TEST_PARENT") != str(os.getpid()):
+            os._exit(9)
+        return nn.Linear(5, 2)
+
+    t.make_model = model
+    return t
+
+
+def test_a_dead_worker_is_one_line_exit_1(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("OPTIMKIT_TEST_PARENT", str(os.getpid()))
+    rc = main(["compare", "--task", f"{THIS}:make_killing_task", "--optimizers", "sgd", "--steps", "3",
+               "--seeds", "1", "--jobs", "2", "--out", str(tmp_path / "r"), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and len(err.splitlines()) == 1 and "exit code 9" in err and "run the same command" in err, err

@@ -273,6 +273,9 @@ def _compare(args: argparse.Namespace) -> int:
             task_specs=task_specs,
             command=[_PROG, "compare", *args.argv[1:]],
         )
+    except RuntimeError as e:  # a worker process died: what is stored is kept
+        print(f"{_PROG} compare: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
     finally:
         if lock is not None:
             lock.close()

@@ -408,9 +408,10 @@ def _coordinate(study: Any, url: str, study_name: str, meta: dict[str, Any], uni
                 if not procs:
                     procs, queue, done = st.start_workers(jobs, url, study_name, meta, str(dev), tasks)
                 _drain(queue, on_event, 0.3)
-                if not any(p.is_alive() for p in procs):
-                    codes = sorted({p.exitcode for p in procs})
-                    raise RuntimeError(f"every worker process exited (exit codes {codes}) before the study finished")
+                dead = [p.exitcode for p in procs if not p.is_alive()]
+                if dead:  # killed or crashed: its trial would stay RUNNING and this loop would wait forever
+                    raise RuntimeError(f"a worker process exited (exit code {dead[0]}) before the comparison finished; "
+                                       "run the same command again to continue")
             else:
                 time.sleep(1.0)
                 n_set = sum(1 for ts in by_key.values() if st.settled(ts) is not None)
