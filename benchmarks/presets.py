@@ -252,10 +252,11 @@ def main(argv: list[str] | None = None) -> int:
             with open(path) as f:
                 part = json.load(f)
             if not results:
-                results = {**part, "tasks": {}, "unavailable": {}, "command": []}
+                results = {**part, "tasks": {}, "unavailable": {}, "command": [], "merged": []}
             results["tasks"].update(part["tasks"])
             results["unavailable"].update(part["unavailable"])
             results["command"].append(part["command"])
+            results["merged"] += part.get("merged", [])
         results["unavailable"] = {k: v for k, v in results["unavailable"].items() if k not in results["tasks"]}
         with open(a.json, "w") as f:
             json.dump(results, f, indent=1)
@@ -313,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
         with open(out_path, "w") as f:  # after every task: a long run leaves partial results
             json.dump(results, f, indent=1)
         print(table(results, a.target), flush=True)
+    with open(out_path, "w") as f:  # also when the last tasks were skipped (their hints are kept)
+        json.dump(results, f, indent=1)
     print(f"\nwrote {out_path}")
     return 0
 

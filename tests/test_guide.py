@@ -200,3 +200,63 @@ def test_amsgrad_rule_in_explain_is_what_the_optimizer_computes(name, capsys):
         vmax = max(vmax, v / (1 - b2 ** t))
         theta -= lr * (m / (1 - b1 ** t)) / (vmax ** 0.5 + eps)
     assert abs(theta - _adam_rule_as_documented(grads, lr, b1, b2, eps, wd, decoupled, True)) > 1e-3
+
+
+# ------------------------------------------------------------ zero-tuning presets (measured)
+def _evidence():
+    import json
+    from pathlib import Path
+
+    from optimkit.guide.presets import EVIDENCE
+
+    return json.loads((Path(__file__).resolve().parents[1] / EVIDENCE).read_text())
+
+
+def test_no_tuning_table_is_what_its_evidence_says():
+    """Every row names a candidate, builds, cites existing tasks, copies the measured gaps from
+    the evidence file, and is the candidate with the smallest worst gap there (the choice rule
+    of benchmarks/presets.py --choose)."""
+    from optimkit.guide.presets import CANDIDATES, NO_TUNING
+
+    data = _evidence()
+    assert "any" in NO_TUNING
+    for kind, row in NO_TUNING.items():
+        assert row.preset in CANDIDATES, kind
+        create_optimizer("prodigy", [torch.nn.Parameter(torch.zeros(3))], optimizer_args=dict(row.args))
+        assert set(row.gaps) == set(row.tasks)
+        for task, gap in row.gaps.items():
+            assert task in BUILTIN_TASKS
+            assert data["tasks"][task]["presets"][row.preset]["gap"] == pytest.approx(gap, abs=1e-4), (kind, task)
+        if row.gaps:
+            measured = [n for n in CANDIDATES if all(n in data["tasks"][t]["presets"] for t in row.gaps)]
+            worst = {n: max(data["tasks"][t]["presets"][n]["gap"] for t in row.gaps) for n in measured}
+            assert worst[row.preset] == min(worst.values()), (kind, worst)
+
+
+@pytest.mark.parametrize("traits", [
+    Traits(no_tuning=True), Traits(no_tuning=True, model="transformer"), Traits(no_tuning=True, model="linear"),
+    Traits(no_tuning=True, model="cnn"), Traits(no_tuning=True, model="mlp"), Traits(no_tuning=True, model="rnn"),
+    Traits(no_tuning=True, sparse=True), Traits(no_tuning=True, fine_tune=True, model="transformer"),
+    Traits(no_tuning=True, memory_tight=True),
+])
+def test_no_tuning_recommends_the_measured_preset(traits):
+    from optimkit.guide.presets import DECIDED, no_tuning_preset
+
+    key, row = no_tuning_preset(traits.model, traits.sparse, traits.fine_tune)
+    rec = next(r for r in recommend(traits, top=10) if r.optimizer == "prodigy")
+    assert {k: v for k, v in rec.hyperparams.items() if k in DECIDED} == row.args
+    assert rec.measured and repr(row.preset) in rec.measured and f"for {key}" in rec.measured
+    assert set(row.tasks) <= set(rec.evidence)
+    if traits.memory_tight:  # advice outside the preset stays
+        assert rec.hyperparams["slice_p"] == 11
+    if traits.model == "rnn":  # no rnn task: the preset of every task, said so
+        assert key == "any"
+
+
+def test_no_tuning_cli_and_explain_show_the_table(capsys):
+    assert main(["recommend", "--no-tuning", "--model", "transformer", "--top", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "measured: zero-tuning preset" in out and "docs/presets-" in out
+    assert main(["explain", "prodigy"]) == 0
+    out = capsys.readouterr().out
+    assert "Zero-tuning presets" in out and "gap = (L_preset - L_best) / (L_init - L_best)" in out
