@@ -93,7 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--sparse", action="store_true", help="sparse features / large embedding tables")
     r.add_argument("--data-size", choices=["small", "medium", "large"], help="amount of training data")
     r.add_argument("--memory-tight", action="store_true", help="optimizer state memory is the constraint")
-    r.add_argument("--no-tuning", action="store_true", help="no budget to tune the learning rate")
+    r.add_argument("--no-tuning", action="store_true",
+                   help="no budget to tune the learning rate: Prodigy's measured zero-tuning preset for --model, "
+                        "--sparse or --fine-tune (docs/choosing.md)")
     r.add_argument("--fine-tune", action="store_true", help="fine-tuning a pretrained model")
     r.add_argument("--top", type=int, default=3, help="how many recommendations (default 3)")
     r.add_argument("--json", action="store_true", help="print JSON instead of text")
