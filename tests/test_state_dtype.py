@@ -168,7 +168,7 @@ def test_adam_bf16_state_tracks_float32_state(name):
 @pytest.mark.parametrize("cls", [optimkit.Adam, optimkit.AdamW])
 def test_errors(cls):
     p = torch.nn.Parameter(torch.randn(3))
-    for bad in ("bfloat16", torch.int8, torch.float64, 16):
+    for bad in ("bfloat17", "float64", "int8", torch.int8, torch.float64, 16):
         with pytest.raises(ValueError, match=rf"{cls.__name__}: invalid state_dtype="):
             cls([p], state_dtype=bad)
     with pytest.raises(ValueError, match=r"invalid fused=True with state_dtype=torch.bfloat16"):
@@ -177,6 +177,34 @@ def test_errors(cls):
     with pytest.raises(ValueError, match=r"invalid fused=True with state_dtype"):
         opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(2))], "fused": True})
     cls([p.detach().to(BF16).requires_grad_()], fused=True, state_dtype=BF16)  # same dtype: fine
+
+
+@pytest.mark.parametrize("cls", [optimkit.Adam, optimkit.AdamW, optimkit.Prodigy])
+@pytest.mark.parametrize("text,dtype", [
+    ("bfloat16", BF16), ("bf16", BF16), ("torch.bfloat16", BF16), ("BF16", BF16),
+    ("float16", torch.float16), ("fp16", torch.float16), ("torch.float16", torch.float16),
+    ("float32", torch.float32), ("fp32", torch.float32), ("torch.float32", torch.float32),
+])
+def test_constructor_takes_dtype_strings(cls, text, dtype):
+    """sd-scripts' ``--optimizer_args "state_dtype='bf16'"`` gives the constructor a str: it
+    is parsed to the torch.dtype the optimizer holds and stores its state in."""
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = cls([p], state_dtype=text)
+    assert opt._state_dtype is dtype
+    p.grad = torch.randn(3)
+    opt.step()
+    assert opt.state[p]["exp_avg"].dtype == dtype
+
+
+@pytest.mark.parametrize("cls", [optimkit.Adam, optimkit.Prodigy])
+def test_invalid_dtype_string_lists_the_valid_values(cls):
+    with pytest.raises(ValueError) as e:
+        cls([torch.nn.Parameter(torch.randn(3))], state_dtype="bfloat17")
+    msg = str(e.value)
+    assert msg.startswith(f"{cls.__name__}: invalid state_dtype='bfloat17'; expected None, "
+                          "torch.float32, torch.bfloat16 or torch.float16"), msg
+    for name in ("'bfloat16'", "'bf16'", "'float16'", "'fp16'", "'float32'", "'fp32'", "torch."):
+        assert name in msg, name
 
 
 def test_factory_parses_dtype_strings():

@@ -1,6 +1,7 @@
 """optimkit: PyTorch optimizers done right, fast, and with help choosing between them."""
 
 from .optimizers import SGD, Adadelta, Adagrad, Adam, AdamW, Prodigy, RAdam, RMSprop
+from .optimizers.prodigy import ProdigyDiagnosisWarning
 from .wrappers import Lookahead
 from .factory import create_optimizer, get_spec, list_optimizers, param_groups, parse_optimizer_args
 
@@ -15,6 +16,7 @@ __all__ = [
     "RAdam",
     "Adadelta",
     "Prodigy",
+    "ProdigyDiagnosisWarning",
     "Lookahead",
     "create_optimizer",
     "parse_optimizer_args",

@@ -28,13 +28,30 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 RNG_KEY = "state_rounding_rng"
 
 
+#: the names ``state_dtype`` accepts as a string (config files, sd-scripts' ``key=value``
+#: arguments), with or without a ``torch.`` prefix
+STATE_DTYPE_NAMES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
 def check_state_dtype(owner: str, value: Any) -> torch.dtype | None:
-    """Return ``value`` if it is a valid ``state_dtype``; else raise the one-format ValueError."""
+    """Return ``value`` as a valid ``state_dtype`` (a ``torch.dtype`` or None); a string names
+    one (``'bfloat16'``, ``'bf16'``, ``'torch.bfloat16'``, ...; case-insensitive). Anything
+    else raises the one-format ValueError listing the valid values."""
     if value is None or (isinstance(value, torch.dtype) and value in STATE_DTYPES):
         return value
+    if isinstance(value, str):
+        name = value.strip().lower()
+        name = name[len("torch."):] if name.startswith("torch.") else name
+        if name in STATE_DTYPE_NAMES:
+            return STATE_DTYPE_NAMES[name]
+    names = ", ".join(repr(n) for n in STATE_DTYPE_NAMES)
     raise ValueError(
         f"{owner}: invalid state_dtype={value!r}; expected None, torch.float32, torch.bfloat16 "
-        f"or torch.float16"
+        f"or torch.float16, or one of the names {names} (optionally prefixed 'torch.')"
     )
 
 
@@ -149,7 +166,7 @@ class LowPrecisionStateMixin:
 
     def _setup_state_dtype(self, state_dtype: Any) -> None:
         self._state_dtype = check_state_dtype(type(self).__name__, state_dtype)
-        self._rounding_rng = RoundingRNG() if state_dtype in LOW_PRECISION else None
+        self._rounding_rng = RoundingRNG() if self._state_dtype in LOW_PRECISION else None
 
     def _round_into(self, dst: Tensor, src: Tensor) -> None:
         """Write a working copy back into its stored state buffer (stochastically if narrower)."""

@@ -119,23 +119,18 @@ from torch import Tensor
 
 from .._base import ANY, PARAM_SHAPE, SCALAR, GroupWork, OptimizerBase, ParamsT
 from .._rounding import LowPrecisionStateMixin
-from .._validation import check_betas, check_bool, check_range, fail
+from .._validation import check_betas, check_bool, check_range, fail, fail_type
 from ._prodigy.checkpoint import CheckpointMixin
-from ._prodigy.common import (_LOW_PRECISION, _bias_correction, _dtensor_sliced, _effective_lr,
-                              _is_dtensor, _local, _max_abs, _norm, _stat_dtype, _write_back)
+from ._prodigy.common import (_LOW_PRECISION, _dtensor_sliced, _effective_lr, _is_dtensor,
+                              _local, _max_abs, _stat_dtype, _write_back)
 from ._prodigy.nonfinite import (NonFiniteMixin, NonFiniteStepError,  # noqa: F401 (public here)
                                  _locate_nonfinite, _output_problem)
+from ._prodigy.diagnosis import Diagnosis, ProdigyDiagnosisWarning  # noqa: F401 (public)
+from ._prodigy.groups import FLOAT_SCALARS, MIRRORED, check_groups, estimates
 from ._prodigy.paths import PathsMixin
 from ._prodigy.sharding import ShardingMixin
 
-__all__ = ["Prodigy", "NonFiniteStepError", "prodigy_stats_reference", "prodigy_apply_reference"]
-
-#: read from group 0 by prodigyopt; here they must agree across groups
-_GLOBAL_KEYS = ("betas", "beta3", "d0", "d_coef", "growth_rate", "use_bias_correction", "decouple",
-                "fsdp_in_use", "strict_growth", "nonfinite")
-#: global scalars, mirrored into every group so they round-trip through state_dict
-_MIRRORED = ("d", "d_max", "d_numerator", "d_hat", "d_denom", "k", "skipped_steps")
-_FLOAT_SCALARS = ("d", "d_max", "d_numerator", "d_hat", "d_denom")
+__all__ = ["Prodigy", "NonFiniteStepError", "ProdigyDiagnosisWarning", "prodigy_stats_reference", "prodigy_apply_reference"]
 
 class Prodigy(PathsMixin, ShardingMixin, NonFiniteMixin, CheckpointMixin, LowPrecisionStateMixin,
               OptimizerBase):
@@ -251,10 +246,16 @@ class Prodigy(PathsMixin, ShardingMixin, NonFiniteMixin, CheckpointMixin, LowPre
         flat: bool = False,
         compile: bool = False,
         independent_ranks: bool = False,
+        split_groups: bool = False,
+        d_limit: float | None = None,
+        d_freeze_step: int | None = None,
+        diagnose: bool = True,
     ) -> None:
         # On the optimizer, not in the groups (prodigyopt's group keys stay exactly its own).
         check_bool(type(self).__name__, "independent_ranks", independent_ranks)
+        check_bool(type(self).__name__, "diagnose", diagnose)
         self._independent_ranks = independent_ranks
+        self._diagnosis = Diagnosis() if diagnose else None
         self._setup_state_dtype(state_dtype)
         defaults = dict(
             lr=lr, betas=betas, beta3=beta3, eps=eps, weight_decay=weight_decay,
@@ -264,11 +265,14 @@ class Prodigy(PathsMixin, ShardingMixin, NonFiniteMixin, CheckpointMixin, LowPre
             slice_p=slice_p, d_hat=d0, d_denom=0.0, skipped_steps=0,
             strict_growth=strict_growth, nonfinite=nonfinite,
             stochastic_rounding=stochastic_rounding, foreach=foreach,
+            split_groups=split_groups, d_limit=d_limit, d_freeze_step=d_freeze_step,
         )
         # (parameter, its new state): with flat=True a bucket's whole buffer and its state
         self._fresh: list[tuple[Tensor, dict[str, Any]]] = []
         self._scratch: dict[tuple[torch.device, torch.dtype], Tensor] = {}
         super().__init__(params, defaults, flat=flat, compile=compile)
+        if self._diagnosis is not None:
+            self._diagnosis.check_lr(type(self).__name__, self.param_groups)
 
     # ------------------------------------------------------------------ validation
     def _validate_group(self, g: dict[str, Any]) -> None:
@@ -288,8 +292,20 @@ class Prodigy(PathsMixin, ShardingMixin, NonFiniteMixin, CheckpointMixin, LowPre
         if isinstance(sp, bool) or not isinstance(sp, int) or not 1 <= sp < 2**63:
             fail(n, "slice_p", sp, "an int in 1 <= slice_p < 2**63")
         for flag in ("decouple", "use_bias_correction", "safeguard_warmup", "fsdp_in_use",
-                     "strict_growth", "stochastic_rounding"):
+                     "strict_growth", "stochastic_rounding", "split_groups"):
             check_bool(n, flag, g[flag])
+        dl = g["d_limit"]
+        if dl is not None:
+            if isinstance(dl, bool) or not isinstance(dl, (int, float)):
+                fail_type(n, "d_limit", dl, "d_limit > 0 or None")
+            if not dl > 0:  # NaN included
+                fail(n, "d_limit", dl, "d_limit > 0 or None")
+            if dl < float(g["d0"]):
+                fail(n, "d_limit", dl, f"d_limit >= d0 (= {float(g['d0'])!r}) or None")
+        fs = g["d_freeze_step"]
+        if fs is not None and (isinstance(fs, bool) or not isinstance(fs, int) or fs < 0):
+            fail(n, "d_freeze_step", fs, "an int >= 0 (the step from which d stops updating) "
+                 "or None")
         if not isinstance(g["nonfinite"], str) or g["nonfinite"] not in ("raise", "skip"):
             fail(n, "nonfinite", g["nonfinite"], "'raise' or 'skip'")
         if getattr(self, "_flat", False) and sp != 1:
@@ -300,43 +316,48 @@ class Prodigy(PathsMixin, ShardingMixin, NonFiniteMixin, CheckpointMixin, LowPre
             fail(n, "fsdp_in_use", True, "False with independent_ranks=True (sharded parameters "
                  "need their d sums all-reduced; independent ranks never communicate)")
 
-    def _check_groups(self, groups: list[dict[str, Any]]) -> None:
-        """Global hyperparameters agree and lrs are max-or-0 (prodigyopt's rule), else ValueError."""
-        n = type(self).__name__
-        g0 = groups[0]
-        for gi, g in enumerate(groups[1:], start=1):
-            for key in _GLOBAL_KEYS:
-                if _norm(g.get(key)) != _norm(g0.get(key)):
-                    raise ValueError(
-                        f"{n}: param group {gi} has {key}={g.get(key)!r} but param group 0 has "
-                        f"{g0.get(key)!r}; {key} is global in Prodigy (one d for all groups): "
-                        f"use the same value in every group"
-                    )
-        lrs = [float(g["lr"]) for g in groups]
-        nonzero = sorted({lr for lr in lrs if lr != 0.0})
-        if len(nonzero) > 1:
-            raise ValueError(
-                f"{n}: param groups have lr values {lrs}; Prodigy's step size d is global, so "
-                f"every group's lr must be either the largest lr ({max(lrs)!r}) or 0 (frozen). "
-                f"Tune the step with d_coef, or use separate optimizers"
-            )
-
     # ------------------------------------------------------------------ groups and state
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        """torch's list of param groups. Reading it brings every group's ``effective_lr`` up
+        to date with the group's current ``lr`` (a float lr; a tensor lr is read at the next
+        step, never synced here), so after ``scheduler.step()`` it is what the next step
+        applies: ``d * lr * bias_correction``."""
+        try:
+            groups = self.__dict__["param_groups"]
+        except KeyError:
+            raise AttributeError("param_groups") from None
+        if not torch.compiler.is_compiling():
+            for g in groups:
+                lr = g.get("lr")
+                if type(lr) is float and "d" in g and "k" in g:
+                    g["effective_lr"] = _effective_lr(g)
+        return groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.__dict__["param_groups"] = value
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if self.param_groups:
             merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
             self._validate_group(merged)
-            self._check_groups([*self.param_groups, merged])
+            check_groups(type(self).__name__, [*self.param_groups, merged])
+        own_d0 = "d0" in param_group and "d" not in param_group  # (torch fills in defaults)
         super().add_param_group(param_group)
         new = self.param_groups[-1]
-        if len(self.param_groups) > 1:  # a late group joins the running estimate
-            for key in _MIRRORED:
-                new[key] = self.param_groups[0][key]
+        if not new["split_groups"]:
+            if len(self.param_groups) > 1:  # a late group joins the running estimate
+                for key in MIRRORED:
+                    new[key] = self.param_groups[0][key]
+        elif own_d0:  # its own estimate, from its own d0
+            new.update(d=new["d0"], d_max=new["d0"], d_hat=new["d0"])
         new["effective_lr"] = _effective_lr(new)
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state["_independent_ranks"] = self.__dict__.get("_independent_ranks", False)
+        state["_diagnosis"] = self.__dict__.get("_diagnosis")
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -344,9 +365,10 @@ class Prodigy(PathsMixin, ShardingMixin, NonFiniteMixin, CheckpointMixin, LowPre
         self._fresh = []
         self._scratch = {}
         self.__dict__.setdefault("_independent_ranks", False)
+        self.__dict__.setdefault("_diagnosis", Diagnosis())
         for g in self.param_groups:
             # prodigyopt under FSDP stores these as tensors; plain floats from here on
-            for key in _FLOAT_SCALARS:
+            for key in FLOAT_SCALARS:
                 if isinstance(g.get(key), Tensor):
                     g[key] = float(g[key])
             g["k"] = int(g["k"])
@@ -379,7 +401,7 @@ class Prodigy(PathsMixin, ShardingMixin, NonFiniteMixin, CheckpointMixin, LowPre
             # float32 p0 with bf16 s/m/v -> 0.987 (float32 state: 0.983).
             state["p0"] = torch.empty(sliced.shape, dtype=_stat_dtype(pl), device=pl.device)
             state["p0"].copy_(sliced)  # contiguous even when the slice is strided
-        if float(self.param_groups[0]["betas"][0]) > 0:
+        if float(group["betas"][0]) > 0:
             state["exp_avg"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
         state["exp_avg_sq"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
         self._fresh.append((p, state))
@@ -396,7 +418,7 @@ class Prodigy(PathsMixin, ShardingMixin, NonFiniteMixin, CheckpointMixin, LowPre
         if gi == 0:  # before any state is created: the whole step is checked first
             for g in self.param_groups:  # values set after construction (a scheduler, a user)
                 self._validate_group(g)
-            self._check_groups(self.param_groups)
+            check_groups(type(self).__name__, self.param_groups)
             if self._independent_ranks and self._has_sharded_params():
                 raise ValueError(
                     f"{type(self).__name__}: independent_ranks=True but some parameters are "
@@ -437,91 +459,93 @@ class Prodigy(PathsMixin, ShardingMixin, NonFiniteMixin, CheckpointMixin, LowPre
         return loss
 
     def _apply(self, works: list[GroupWork]) -> None:
-        groups = self.param_groups
-        g0 = groups[0]
-        beta1, beta2 = (float(b) for b in g0["betas"])
-        beta3 = float(g0["beta3"]) if g0["beta3"] is not None else math.sqrt(beta2)
-        k, d, d_max, d0 = int(g0["k"]), float(g0["d"]), float(g0["d_max"]), float(g0["d0"])
-        lr = max(float(g["lr"]) for g in groups)
-        dlr = d * lr * _bias_correction(g0, k)
+        """The step: phase 1 (statistics, reads only) -> the one host sync -> the d update ->
+        checks -> phase 2 (writes). One estimate of d over every group, or one per group
+        (``split_groups``); ``e`` holds an estimate's scalars (``_prodigy/groups.py``)."""
         fresh = self._fresh
-        if lr == 0.0:  # everything frozen (prodigyopt also stops before any update)
+        ests = [e for e in estimates(self.param_groups, works) if e.lr > 0]
+        if not ests:  # everything frozen (prodigyopt also stops before any update)
             self._settle_fresh(fresh, torch.stack([torch.any(_local(p)) for p, _ in fresh])
                                .tolist() if fresh else [])
             return
 
         # ---- phase 1: statistics only; nothing is written (s' is written in phase 2)
-        c_num = (d / d0) * dlr  # the numerator's per-step scale (d/d0 keeps it away from 0)
-        active = [w for w in works if w.params and float(w.group["lr"]) > 0]
-        # per group: (<g_sl, p0 - p_sl>, ||s'||_1, sum of max |g| per tensor)
-        pieces: list[tuple[Any, Any, Any]] = []
-        # keyed by the group (one object for the whole run), not by the GroupWork (new each
-        # step): torch.compile(opt.step) would otherwise guard on its identity and recompile
-        comp = {id(w.group): self._compiled_applies(w) for w in active}
-        fast = {id(w.group): not comp[id(w.group)] and self._fast(w, beta1) for w in active}
-        for w in active:
-            pieces.append(self._phase1(w, beta3, d, dlr, fast=fast[id(w.group)],
-                                       compiled=comp[id(w.group)]))
-        # Bounds the overflow checks need beyond max |g| (decided from every group's
-        # hyperparameters, not from which groups have gradients here: the same on every rank)
-        live = [g for g in groups if float(g["lr"]) > 0]
-        need_p = any((not g0["decouple"] and float(g["weight_decay"]) > 0)
-                     or (g0["decouple"] and float(g["weight_decay"]) * dlr > 2) for g in live)
-        pmax = _max_abs([_local(p) for w in active for p in w.params]) if need_p else None
-        smax = self._s_max_fp16(active, beta3, d, dlr)
+        for e in ests:
+            # keyed by the group (one object for the whole run), not by the GroupWork (new
+            # each step): torch.compile(opt.step) would otherwise guard on its identity
+            for w in e.active:
+                e.compiled[id(w.group)] = comp = self._compiled_applies(w)
+                e.fast[id(w.group)] = fast = not comp and self._fast(w, e.beta1)
+                # per group: (<g_sl, p0 - p_sl>, ||s'||_1, sum of max |g| per tensor)
+                e.pieces.append(self._phase1(w, e.beta3, e.d, e.dlr, fast=fast, compiled=comp))
+            # Bounds the overflow checks need beyond max |g| (decided from every group's
+            # hyperparameters, not from which groups have gradients here: the same on every rank)
+            need_p = any((not g["decouple"] and float(g["weight_decay"]) > 0)
+                         or (g["decouple"] and float(g["weight_decay"]) * e.dlr > 2)
+                         for g in e.live)
+            e.pmax = _max_abs([_local(p) for w in e.active for p in w.params]) if need_p else None
+            e.smax = self._s_max_fp16(e.active, e.beta3, e.d, e.dlr)
 
-        # ---- the one host sync: global sums (all-reduced when sharded) and the p0 flags
-        sums = self._global_sums(pieces, fresh, c_num, pmax, smax, active)
+        # ---- the one host sync: every estimate's sums (all-reduced when sharded), p0 flags
+        sums = self._global_sums(ests, fresh, [w for e in ests for w in e.active])
         if sums.failed_ranks:
             raise RuntimeError(
                 f"{type(self).__name__}: {sums.failed_ranks:g} other rank(s) raised in this "
                 "step before Prodigy's all-reduce (see their error); the step was not taken "
                 "and parameters and optimizer state are unchanged on every rank")
-        update = sums.den != 0.0  # no gradient signal yet: prodigyopt keeps s, m, v, returns
-        problem = None
-        if not all(math.isfinite(x) for x in (sums.delta, sums.den, sums.gmax, sums.pmax,
-                                              sums.smax)):
-            problem = "non-finite statistics in this step (" + _locate_nonfinite(
-                groups, active, self.state) + ")"
-        d_new, d_numerator, d_hat = d, float(g0["d_numerator"]), float(g0["d_hat"])
-        if problem is None and update:
-            # ---- d update (global scalars, host floats)
-            d_numerator = d_numerator * beta3 + sums.delta
-            d_hat = float(g0["d_coef"]) * d_numerator / sums.den
-            if d == d0 and not g0["strict_growth"]:
-                d_new = max(d, d_hat)
-            d_max = max(d_max, d_hat)
-            d_new = min(d_max, d_new * float(g0["growth_rate"]))
-        if problem is None:
+        new = []
+        for e, (delta, den, gmax, pmax, smax) in zip(ests, sums.est):
+            g0 = e.groups[0]
+            if not all(math.isfinite(x) for x in (delta, den, gmax, pmax, smax)):
+                self._reject("non-finite statistics in this step (" + _locate_nonfinite(
+                    self.param_groups, e.active, self.state) + ")")
+                return
+            update = den != 0.0  # no gradient signal yet: prodigyopt keeps s, m, v, returns
+            d_new, d_max, d_numerator, d_hat = e.d, e.d_max, float(g0["d_numerator"]), float(g0["d_hat"])
+            if update:
+                # ---- d update (host floats)
+                d_numerator = d_numerator * e.beta3 + delta
+                d_hat = float(g0["d_coef"]) * d_numerator / den
+                if e.d == e.d0 and not g0["strict_growth"]:
+                    d_new = max(e.d, d_hat)
+                d_max = max(d_max, d_hat)
+                d_new = min(d_max, d_new * float(g0["growth_rate"]))
+                if g0["d_limit"] is not None:
+                    d_new = min(d_new, float(g0["d_limit"]))  # the cap
+                if g0["d_freeze_step"] is not None and e.k >= g0["d_freeze_step"]:
+                    d_new = e.d  # frozen: the statistics go on, d does not move
             problem = _output_problem(
-                live, decouple=g0["decouple"], update=update, d=d, d0=d0, d_new=d_new,
-                d_max=d_max, d_numerator=d_numerator, d_hat=d_hat, dlr=dlr, beta1=beta1,
-                beta2=beta2, gmax=sums.gmax, pmax=sums.pmax, smax=sums.smax,
-                lim=sums.limits, half_params=sums.half,
-                half_state=self._state_dtype == torch.float16)
-        if problem is not None:
-            self._reject(problem)
-            return
+                e.live, decouple=g0["decouple"], update=update, d=e.d, d0=e.d0, d_new=d_new,
+                d_max=d_max, d_numerator=d_numerator, d_hat=d_hat, dlr=e.dlr, beta1=e.beta1,
+                beta2=e.beta2, gmax=gmax, pmax=pmax, smax=smax, lim=sums.limits,
+                half_params=sums.half, half_state=self._state_dtype == torch.float16)
+            if problem is not None:
+                self._reject(problem)
+                return
+            new.append((update, d_new, d_max, d_numerator, d_hat, den, gmax))
         # ---- from here on nothing raises: every input and output was checked
         self._settle_fresh(fresh, sums.flags)
         self._recast_moved(works)
-        if not update:
-            for w in active:
-                self._phase2(w, beta1, beta2, beta3, d, d, dlr, update_params=False)
-            return
-
-        # ---- phase 2: moments and parameters (frozen groups only count the step)
-        for w in works:
-            if w.params and float(w.group["lr"]) > 0:
-                self._phase2(w, beta1, beta2, beta3, d, d_new, dlr, update_params=True,
-                             fast=fast.get(id(w.group), False),
-                             compiled=comp.get(id(w.group), False))
-            for st in w.states:
-                st["step"] += 1
-        for g in groups:
-            g.update(d_numerator=d_numerator, d_denom=sums.den, d=d_new, d_max=d_max,
-                     d_hat=d_hat, k=k + 1)
-            g["effective_lr"] = _effective_lr(g)
+        for e, (update, d_new, d_max, d_numerator, d_hat, den, gmax) in zip(ests, new):
+            if not update:
+                for w in e.active:
+                    self._phase2(w, e.beta1, e.beta2, e.beta3, e.d, e.d, e.dlr,
+                                 update_params=False)
+                continue
+            # ---- phase 2: moments and parameters (frozen groups only count the step)
+            for w in e.works:
+                if w.params and float(w.group["lr"]) > 0:
+                    self._phase2(w, e.beta1, e.beta2, e.beta3, e.d, d_new, e.dlr,
+                                 update_params=True, fast=e.fast.get(id(w.group), False),
+                                 compiled=e.compiled.get(id(w.group), False))
+                for st in w.states:
+                    st["step"] += 1
+            for g in e.groups:
+                g.update(d_numerator=d_numerator, d_denom=den, d=d_new, d_max=d_max,
+                         d_hat=d_hat, k=e.k + 1)
+                g["effective_lr"] = _effective_lr(g)
+            if self._diagnosis is not None:  # host floats only: no extra sync
+                self._diagnosis.after_step(type(self).__name__, self, e, d_new, gmax)
 
 
 # ---------------------------------------------------------------------------------- math

@@ -54,7 +54,7 @@ class PathsMixin:
         return dict(
             slice_p=grp["slice_p"], beta3=beta3,
             c_s=(d / d0) * d if grp["safeguard_warmup"] else (d / d0) * dlr,
-            coupled_wd=0.0 if self.param_groups[0]["decouple"] else float(grp["weight_decay"]),
+            coupled_wd=0.0 if grp["decouple"] else float(grp["weight_decay"]),
         )
 
     def _fast(self, w: GroupWork, beta1: float) -> bool:
@@ -104,7 +104,7 @@ class PathsMixin:
                 compiled: bool = False) -> None:
         grp = w.group
         if update_params and compiled:
-            decouple = self.param_groups[0]["decouple"]
+            decouple = grp["decouple"]
             prodigy_apply_compiled(
                 w.params, w.grads, [st["s"] for st in w.states],
                 [st["exp_avg"] for st in w.states] if beta1 > 0 else None,
@@ -115,7 +115,7 @@ class PathsMixin:
             )
             return
         if update_params and fast and _FAST_D_RANGE[0] < d < _FAST_D_RANGE[1]:
-            decouple = self.param_groups[0]["decouple"]
+            decouple = grp["decouple"]
             prodigy_apply_fused(
                 w.params, w.grads, [st["s"] for st in w.states],
                 [st["exp_avg"] for st in w.states], [st["exp_avg_sq"] for st in w.states],
@@ -140,7 +140,7 @@ class PathsMixin:
             [_local(st["exp_avg_sq"]) for st in w.states],
             **self._s_hp(grp, beta3, d, dlr),
             beta1=beta1, beta2=beta2, d=d, d_new=d_new, dlr=dlr, eps=float(grp["eps"]),
-            decoupled_wd=float(grp["weight_decay"]) if self.param_groups[0]["decouple"] else 0.0,
+            decoupled_wd=float(grp["weight_decay"]) if grp["decouple"] else 0.0,
             stochastic_rounding=grp["stochastic_rounding"], update_params=update_params,
         )
 
@@ -152,7 +152,7 @@ class PathsMixin:
         draws the same random numbers."""
         grp = w.group
         sp = grp["slice_p"]
-        decoupled = float(grp["weight_decay"]) if self.param_groups[0]["decouple"] else 0.0
+        decoupled = float(grp["weight_decay"]) if grp["decouple"] else 0.0
         params = [_local(p) for p in w.params]
         stored = {"s": [_sliced_local(st["s"], p, sp) for p, st in zip(w.params, w.states)],
                   "exp_avg_sq": [_local(st["exp_avg_sq"]) for st in w.states]}

@@ -16,91 +16,100 @@ from ... import _torch_compat as tc
 from ..._base import GroupWork
 from ..._impl import group_by_device_dtype
 from .common import _acc_dtype, _is_dtensor, _local, dist
+from .groups import n_live_estimates
 from .nonfinite import _caller_level, _limits
 
 
 class ShardingMixin:
     """The host sync and the collective of :meth:`Prodigy._apply`."""
 
-    def _global_sums(self, pieces: list[tuple[Any, Any, Any]],
-                     fresh: list[tuple[Tensor, dict[str, Any]]], c_num: float,
-                     pmax: Tensor | None, smax: Tensor | None,
+    def _global_sums(self, ests: list[Any], fresh: list[tuple[Tensor, dict[str, Any]]],
                      active: list[GroupWork]) -> _Sums:
-        """The step's statistics with one host sync: the sum of c_num * dots, ``||s'||_1``,
-        the bounds (max |g| per tensor, summed; max |p| and max |s'| where needed), the dtype
-        limits and the p0 flags.
+        """The step's statistics with one host sync: per d estimate (``ests``, see
+        ``groups.Estimate``) the sum of c_num * dots, ``||s'||_1`` and the bounds (max |g| per
+        tensor, summed; max |p| and max |s'| where needed); the dtype limits; the p0 flags.
 
         Unsharded, the per-tensor values come to the host and are summed there in parameter
         order, exactly as prodigyopt sums its per-parameter ``.item()`` values, so the result is
         bitwise the same whatever the implementation. Sharded, each rank sums on its device and
-        the vector is all-reduced there (ranks without gradients contribute zeros; a rank that
-        failed before this point contributes its failure flag, see :meth:`_join_failed`).
-        The first step with several ranks and no sharding declared all-gathers that vector
-        with a fingerprint of each rank's parameters instead (see :meth:`_dist_mode`).
+        one vector, every estimate's sums stacked (``_HEADER`` + ``_PER_EST`` per estimate), is
+        all-reduced there (ranks without gradients contribute zeros; a rank that failed before
+        this point contributes its failure flag, see :meth:`_join_failed`): one collective
+        per step whatever the number of estimates. The first step with several ranks and no
+        sharding declared all-gathers that vector with a fingerprint of each rank's
+        parameters instead (see :meth:`_dist_mode`).
         """
         dev = self._main_device()
         acc = _acc_dtype(dev)
         mode = self._dist_mode()
+        n = _n_reduce(len(ests))
         flags = [torch.any(_local(p)).reshape(1).to(device=dev, dtype=acc) for p, _ in fresh]
         narrow = float(self._narrowest_is_float32(active))
         half = float(any(p.dtype == torch.float16 for w in active for p in w.params))
         bounds = [x.reshape(1).to(device=dev, dtype=acc) if x is not None
-                  else torch.zeros(1, dtype=acc, device=dev) for x in (pmax, smax)]
+                  else torch.zeros(1, dtype=acc, device=dev) for e in ests for x in (e.pmax, e.smax)]
         if mode in ("reduce", "check"):
-            red = torch.zeros(_N_REDUCE, dtype=acc, device=dev)
-            for dots, l1s, chk in pieces:
-                if isinstance(dots, Tensor):
-                    red[:3] += torch.stack([dots.sum() * c_num, l1s.sum(), chk.sum()]).to(red)
-                else:
-                    red[:3] += torch.tensor([c_num * sum(dots), sum(l1s), chk], dtype=acc,
-                                            device=dev)
-            red[3:5] = torch.cat(bounds)
-            red[6], red[7] = narrow, half
+            red = torch.zeros(n, dtype=acc, device=dev)
+            for i, e in enumerate(ests):
+                o = _HEADER + _PER_EST * i
+                for dots, l1s, chk in e.pieces:
+                    if isinstance(dots, Tensor):
+                        red[o:o + 3] += torch.stack([dots.sum() * e.c_num, l1s.sum(),
+                                                     chk.sum()]).to(red)
+                    else:
+                        red[o:o + 3] += torch.tensor([e.c_num * sum(dots), sum(l1s), chk],
+                                                     dtype=acc, device=dev)
+                red[o + 3:o + 5] = torch.cat(bounds[2 * i:2 * i + 2])
+            red[1], red[2] = narrow, half
         if mode == "reduce":
             self._collective(mode, red)
             vals = torch.cat([red, *flags]).tolist()
-            return _Sums(vals[0], vals[1], vals[2], vals[3], vals[4], vals[5],
-                         _limits(vals[6] > 0), vals[7] > 0, vals[_N_REDUCE:])
-        on_dev = [t.reshape(-1).to(device=dev, dtype=acc) for piece in pieces
+            return _Sums(vals[:n], vals[n:], len(ests))
+        on_dev = [t.reshape(-1).to(device=dev, dtype=acc) for e in ests for piece in e.pieces
                   if isinstance(piece[0], Tensor) for t in piece]
         tail = torch.cat(bounds)
         if mode == "check":
             vec = torch.cat([red, self._fingerprint(dev, acc)])
             tail = torch.cat([tail, self._collective(mode, vec).reshape(-1)])
         host = iter(torch.cat(on_dev + flags + [tail]).tolist())
-        delta = den = chk = 0.0
-        for dots, l1s, probe in pieces:
-            if isinstance(dots, Tensor):
-                dots = [next(host) for _ in range(dots.numel())]
-                l1s = [next(host) for _ in range(l1s.numel())]
-                probe = sum(next(host) for _ in range(probe.numel()))
-            for x in dots:
-                delta += c_num * x
-            for x in l1s:
-                den += x
-            chk += probe
+        row = [0.0, narrow, half]
+        per = []
+        for e in ests:
+            delta = den = chk = 0.0
+            for dots, l1s, probe in e.pieces:
+                if isinstance(dots, Tensor):
+                    dots = [next(host) for _ in range(dots.numel())]
+                    l1s = [next(host) for _ in range(l1s.numel())]
+                    probe = sum(next(host) for _ in range(probe.numel()))
+                for x in dots:
+                    delta += e.c_num * x
+                for x in l1s:
+                    den += x
+                chk += probe
+            per.append([delta, den, chk])
         p0_flags = [next(host) for _ in fresh]
-        local = _Sums(delta, den, chk, next(host), next(host), 0.0, _limits(narrow > 0),
-                      half > 0, p0_flags)
+        for x in per:
+            row += x + [next(host), next(host)]  # + max |p|, max |s'|
+        local = _Sums(row, p0_flags, len(ests))
         if mode != "check":
             return local
         rows = list(host)
         width = len(rows) // dist.get_world_size()
         rows = [rows[i:i + width] for i in range(0, len(rows), width)]
-        failed = sum(r[5] for r in rows)
+        failed = sum(r[0] for r in rows)
         if failed:
             local.failed_ranks = failed
             return local
-        if _same_parameters([r[_N_REDUCE:] for r in rows]):
+        if _same_parameters([r[n:] for r in rows]):
             self._replica_key = self._groups_key()  # data parallel: never communicate again
             return local
         # Sharded without fsdp_in_use (ZeroRedundancyOptimizer): reduce, now and from now on
         self._shard_key = self._groups_key()
-        warnings.warn(_sharded_warning(type(self).__name__, rows), UserWarning,
+        warnings.warn(_sharded_warning(type(self).__name__, rows, n), UserWarning,
                       stacklevel=_caller_level())
-        tot = [sum(r[i] for r in rows) for i in range(_N_REDUCE)]
-        return _Sums(tot[0], tot[1], tot[2], tot[3], tot[4], 0.0,
-                     _limits(max(r[6] for r in rows) > 0), max(r[7] for r in rows) > 0, p0_flags)
+        tot = [sum(r[i] for r in rows) for i in range(n)]
+        tot[0], tot[1], tot[2] = 0.0, max(r[1] for r in rows), max(r[2] for r in rows)
+        return _Sums(tot, p0_flags, len(ests))
 
     def _groups_key(self) -> tuple[int, ...]:
         return tuple(len(g["params"]) for g in self.param_groups)
@@ -154,14 +163,14 @@ class ShardingMixin:
         it: the mode and the frozen-step rule depend only on values every rank shares."""
         try:
             mode = self._dist_mode()
-            lr = max(float(g["lr"]) for g in self.param_groups)
-            if mode not in ("reduce", "check") or lr == 0:
+            n_est = n_live_estimates(self.param_groups)
+            if mode not in ("reduce", "check") or n_est == 0:
                 return
             dev = self._main_device()
             acc = _acc_dtype(dev)
-            n = _N_REDUCE if mode == "reduce" else _N_REDUCE + _N_FINGERPRINT
+            n = _n_reduce(n_est) + (_N_FINGERPRINT if mode == "check" else 0)
             vec = torch.zeros(n, dtype=acc, device=dev)
-            vec[5] = 1.0  # the failure flag
+            vec[0] = 1.0  # the failure flag
             self._collective(mode, vec)
         except Exception:  # the error being raised is the one to report
             pass
@@ -203,24 +212,30 @@ class ShardingMixin:
         return torch.device("cpu")
 
 
-#: the all-reduced vector: [c_num * sum dots, sum ||s'||_1, max |g| (summed over groups and
-#: ranks), max |p|, max |s'|, failed ranks, float32 range in use, float16 parameters]
-_N_REDUCE = 8
+#: the all-reduced vector: a header [failed ranks, float32 range in use, float16 parameters],
+#: then per d estimate [c_num * sum dots, sum ||s'||_1, max |g| (summed over groups and ranks),
+#: max |p|, max |s'|]
+_HEADER = 3
+_PER_EST = 5
 #: count, elements, shape hash, L1, squared L2 (see Prodigy._fingerprint)
 _N_FINGERPRINT = 5
 
 
+def _n_reduce(n_est: int) -> int:
+    return _HEADER + _PER_EST * n_est
+
+
 class _Sums:
-    """What the step's host sync returns (see ``Prodigy._global_sums``)."""
+    """What the step's host sync returns (see ``Prodigy._global_sums``): ``est[i]`` is
+    estimate i's ``[delta, den, gmax, pmax, smax]``."""
 
-    __slots__ = ("delta", "den", "gmax", "pmax", "smax", "failed_ranks", "limits", "half",
-                 "flags")
+    __slots__ = ("failed_ranks", "limits", "half", "flags", "est")
 
-    def __init__(self, delta: float, den: float, gmax: float, pmax: float, smax: float,
-                 failed_ranks: float, limits: torch.finfo, half: bool,
-                 flags: list[float]) -> None:
-        self.delta, self.den, self.gmax, self.pmax, self.smax = delta, den, gmax, pmax, smax
-        self.failed_ranks, self.limits, self.half, self.flags = failed_ranks, limits, half, flags
+    def __init__(self, vec: list[float], flags: list[float], n_est: int) -> None:
+        self.failed_ranks, self.limits, self.half = vec[0], _limits(vec[1] > 0), vec[2] > 0
+        self.flags = flags
+        self.est = [vec[_HEADER + _PER_EST * i:_HEADER + _PER_EST * (i + 1)]
+                    for i in range(n_est)]
 
 
 def _same_parameters(fps: list[list[float]]) -> bool:
@@ -234,8 +249,8 @@ def _same_parameters(fps: list[list[float]]) -> bool:
         for a, b in zip(fp[3:], first[3:])) for fp in fps[1:])
 
 
-def _sharded_warning(owner: str, rows: list[list[float]]) -> str:
-    desc = "; ".join(f"rank {i}: {int(r[_N_REDUCE])} tensors, {int(r[_N_REDUCE + 1])} elements"
+def _sharded_warning(owner: str, rows: list[list[float]], n: int) -> str:
+    desc = "; ".join(f"rank {i}: {int(r[n])} tensors, {int(r[n + 1])} elements"
                      for i, r in enumerate(rows))
     return (
         f"{owner}: the ranks hold different parameters ({desc}, or the same shapes with other "
