@@ -507,6 +507,20 @@ theta <- theta - lr * delta""",
                        "Each rank of a process group trains its own model: never communicate "
                        "(by default the first step checks that the ranks hold the same "
                        "parameters, and all-reduces d's sums when they are shards)."),
+            HyperParam("split_groups", False, "True or False",
+                       "Every param group estimates its own d (own numerator, denominator, "
+                       "d_max, growth) and its lr multiplies it: per-group lrs for text "
+                       "encoder / U-Net, LoRA+ ratios (lr 1 and 16 for A/B)."),
+            HyperParam("d_limit", None, "None or d_limit >= d0",
+                       "Absolute maximum for d (a cap); use when d keeps rising late in a run "
+                       "and overcooks a LoRA."),
+            HyperParam("d_freeze_step", None, "None or an int >= 0",
+                       "From this step on d stops updating (the Adam part goes on); use to fix "
+                       "the step size once d has settled."),
+            HyperParam("diagnose", True, "True or False",
+                       "Warn once (ProdigyDiagnosisWarning) when lr is far below 1, when d is "
+                       "still d0 after 100 steps (naming the likely cause), or when d grows "
+                       "without bound."),
             _foreach(),
             _state_dtype("s, exp_avg and exp_avg_sq (p0 keeps float32: d needs p0 - p "
                          "exactly; None is the parameter's dtype, float32 for float16/bfloat16 "
