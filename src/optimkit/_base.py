@@ -28,8 +28,8 @@ import torch
 from torch import Tensor
 
 from ._flatten import FlatBucket, build_buckets, dissolve_warning, tied_params
-from ._impl import Impl, check_impl_flags, resolve_impl
-from ._torch_compat import scalar_dtype
+from ._impl import Impl, check_impl_flags, resolve_impl, run_serially
+from ._torch_compat import scalar_dtype, single_threaded
 from ._validation import check_bool
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]]
@@ -449,13 +449,33 @@ class OptimizerBase(torch.optim.Optimizer):
                     b.init_state(self, work.group)
                 work.states.extend(b.chunk_states)
         try:
-            self._apply(works)
+            if self._serial_step(works):
+                with single_threaded():  # no parallel region per small tensor (_impl)
+                    self._apply(works)
+            else:
+                self._apply(works)
         finally:
             for work in works:
                 for b, _ in work.buckets:
                     b.after_step(self, work.group)
             self._note_unsynced(works)
         return loss
+
+    def _serial_step(self, works: list[GroupWork]) -> bool:
+        """Whether this step runs on one thread (``_impl.run_serially``: every tensor small
+        and on the CPU). Cached per layout of the step's tensors (how many per group, which
+        first): the choice changes speed only, so a stale answer is never wrong. Not under
+        torch.compile (a traced step) nor ``compile=True`` (inductor's kernels pick their
+        own threads)."""
+        if self._compile or torch.compiler.is_compiling():
+            return False
+        key = tuple((len(w.params), id(w.params[0]) if w.params else 0) for w in works)
+        hit = self.__dict__.get("_serial_sig")
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        serial = run_serially(w.params for w in works)
+        self.__dict__["_serial_sig"] = (key, serial)
+        return serial
 
     def _note_unsynced(self, works: list[GroupWork]) -> None:
         """Members of a flat bucket that stepped one by one: their counters may now differ."""

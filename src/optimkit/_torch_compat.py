@@ -7,8 +7,9 @@ renames one breaks exactly one file, and the optimizer modules read as plain mat
 
 from __future__ import annotations
 
+import contextlib
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -125,6 +126,22 @@ def serial_for_small(kernel: Callable[..., Any]) -> Callable[..., Any]:
             torch.set_num_threads(threads)
 
     return run
+
+
+@contextlib.contextmanager
+def single_threaded() -> Iterator[None]:
+    """Run the block with one intra-op thread (``torch.set_num_threads(1)``), restoring the
+    caller's count after, also on an exception. ATen then opens no OpenMP parallel region:
+    every ``parallel_for`` runs inline on the calling thread."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 fused_adam_ = not_traced(serial_for_small(torch._fused_adam_))

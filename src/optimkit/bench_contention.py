@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -95,11 +97,32 @@ class Background:
         return self.proc.pid if self.proc else None
 
     def __enter__(self) -> Background:
-        self.start()
+        # SIGTERM (a timeout, a job scheduler) ends Python without running ``finally``
+        # blocks: turn it into SystemExit while the process runs, so it is stopped too.
+        self._old_term: Any = None
+        if threading.current_thread() is threading.main_thread():
+            self._old_term = signal.signal(signal.SIGTERM, _raise_exit)
+        try:
+            self.start()
+        except BaseException:
+            self._restore_term()
+            raise
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.stop()
+        try:
+            self.stop()
+        finally:
+            self._restore_term()
+
+    def _restore_term(self) -> None:
+        if self._old_term is not None:
+            signal.signal(signal.SIGTERM, self._old_term)
+            self._old_term = None
+
+
+def _raise_exit(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 def run_contention(cfg: Config, log: Callable[[str], None] = lambda s: None,
