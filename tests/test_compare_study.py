@@ -67,7 +67,7 @@ def _strip(o):
     drop = ("trial", "trial_numbers", "command", "command_line", "created", "wall_time_s", "duration_s", "worker",
             "jobs", "storage", "area_time", "time")
     if isinstance(o, dict):
-        return {k: _strip(v) for k, v in o.items() if k not in drop and "ms" not in k and "time_s" not in k}
+        return {k: _strip(v) for k, v in o.items() if k not in drop and "ms" not in k and "time" not in k}
     if isinstance(o, list):
         return [_strip(v) for v in o]
     return o
