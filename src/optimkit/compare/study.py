@@ -437,8 +437,10 @@ def units_json(units: list[Unit]) -> list[dict[str, Any]]:
 
 def lock_folder(folder: Path) -> Any:
     """An exclusive lock on ``folder/.lock`` held while this process coordinates the study."""
-    import fcntl
-
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; one coordinator per folder is then up to you
+        return None
     folder.mkdir(parents=True, exist_ok=True)
     f = open(folder / ".lock", "w")  # noqa: SIM115 - held open for the process's lifetime
     try:
