@@ -329,3 +329,14 @@ def test_a_dead_worker_is_one_line_exit_1(tmp_path, capsys, monkeypatch):
                "--seeds", "1", "--jobs", "2", "--out", str(tmp_path / "r"), "--no-progress"])
     err = capsys.readouterr().err.strip()
     assert rc == 1 and len(err.splitlines()) == 1 and "exit code 9" in err and "run the same command" in err, err
+
+
+def test_one_coordinator_per_folder(tmp_path, capsys):
+    held = st.lock_folder(tmp_path / "r")
+    try:
+        rc = main(["compare", "--task", f"{THIS}:make_blobs", "--optimizers", "sgd", "--steps", "3", "--seeds", "1",
+                   "--out", str(tmp_path / "r"), "--no-progress"])
+    finally:
+        held.close()
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "another optimkit compare is running" in err
