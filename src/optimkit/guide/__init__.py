@@ -2,6 +2,7 @@
 both rendered from the registry that builds the optimizers."""
 
 from .explain import render_index, render_markdown, render_text
+from .presets import CANDIDATES, NO_TUNING, NoTuningPreset, no_tuning_preset
 from .recommend import Recommendation, Traits, recommend, render_recommendations
 from .rules import CORRECTIONS, RULES, Rule
 
@@ -16,4 +17,8 @@ __all__ = [
     "Rule",
     "RULES",
     "CORRECTIONS",
+    "CANDIDATES",
+    "NO_TUNING",
+    "NoTuningPreset",
+    "no_tuning_preset",
 ]
