@@ -203,13 +203,14 @@ def test_bad_out_is_one_line_before_anything_runs(tmp_path, capsys, kind):
     assert time.perf_counter() - t0 < 5
 
 
-def test_prodigy_small_lr_warns(tmp_path, capsys):
+def test_prodigy_small_lr_warns(tmp_path, capsys, recwarn):
     rc = main(["compare", "--task", f"{THIS}:make_blobs", "--optimizers", "prodigy:lr=1e-4", "--steps", "3",
                "--seeds", "1", "--jobs", "1", "--no-report", "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 0
     warn = [l for l in err.splitlines() if "warning" in l]
     assert len(warn) == 1 and "multiplies" in warn[0] and "d_coef" in warn[0]
+    assert not [w for w in recwarn if "Prodigy" in str(w.message)]  # the optimizer's own advice is not repeated
 
 
 def test_round2_extends_past_the_edge():

@@ -15,6 +15,7 @@ import inspect
 import shlex
 import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,7 +105,9 @@ def _check_args(text: str, name: str, args: dict[str, Any], lr: float | None) ->
     from ..factory import create_optimizer
 
     try:
-        create_optimizer(name, [nn.Parameter(torch.zeros(2))], lr=lr, optimizer_args=dict(args))
+        with warnings.catch_warnings():  # only errors matter here; advice is given once, by choice_warnings
+            warnings.simplefilter("ignore")
+            create_optimizer(name, [nn.Parameter(torch.zeros(2))], lr=lr, optimizer_args=dict(args))
     except NotImplementedError:
         pass  # not implemented yet: reported per run as "skipped", not a usage error
     except (ValueError, TypeError) as e:

@@ -36,7 +36,6 @@ import socket
 import threading
 import time
 import warnings
-import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -232,10 +231,6 @@ def settled(ts: list[Any]) -> Any | None:
     return None
 
 
-def _live(ts: list[Any]) -> bool:
-    return any(trial_state(t) in ("RUNNING", "WAITING") for t in ts)
-
-
 # ----------------------------------------------------------------------------- workers
 Events = Callable[[tuple], None]
 
@@ -420,10 +415,6 @@ def load(study_name: str, storage: Any) -> Any:
     """Load a comparison's study with a sampler that never runs: every trial is enqueued fixed."""
     optuna = _optuna()
     return optuna.load_study(study_name=study_name, storage=storage, sampler=optuna.samplers.RandomSampler(seed=0))
-
-
-def stable_seed(*parts: str) -> int:
-    return zlib.crc32("|".join(parts).encode())
 
 
 def meta_json(meta: dict[str, Any]) -> dict[str, Any]:

@@ -470,10 +470,23 @@ def build_result(meta: dict[str, Any], trials: list[Any], *, wall_time_s: float 
         "torch_version": meta["versions"]["torch"], "optuna_version": meta["versions"]["optuna"],
         "created": meta["created"], "wall_time_s": wall_time_s, "config": meta["config"], "tasks": tasks,
         "overall": _overall(tasks, labels, profiles), "profiles": profiles, "trials": trial_rows, "flags": flags,
-        "warnings": meta.get("warnings", []), "failures": failures, "skipped_optimizers": skipped,
+        "warnings": meta.get("warnings", []) + _trial_warnings(by_key), "failures": failures, "skipped_optimizers": skipped,
         "unavailable_tasks": meta.get("unavailable_tasks", {}), "complete": not flags["incomplete"],
     }
     return _json_clean(result)
+
+
+def _trial_warnings(by_key: dict[str, list[Any]]) -> list[str]:
+    """Warnings raised inside trials, once per (task, optimizer, message)."""
+    out: list[str] = []
+    for ts in by_key.values():
+        for t in ts:
+            a = t.user_attrs
+            for w in (a.get("run") or {}).get("warnings", []):
+                line = f"{a['task']} · {a['optimizer']}: {w}"
+                if line not in out:
+                    out.append(line)
+    return out[:50]
 
 
 def _json_clean(obj: Any) -> Any:

@@ -24,6 +24,7 @@ import os
 import sysconfig
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -125,7 +126,26 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
     return total
 
 
-def run_trial(
+def run_trial(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    """Train a fresh model of ``task`` with optimizer ``name`` for ``steps`` steps; return the record.
+
+    Same arguments as :func:`_run_trial`. Warnings raised during the run (the optimizer's advice,
+    the user's model) are not printed from every worker: they are kept, once each, in the
+    record's ``warnings`` (first line of each message).
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rec = _run_trial(*args, **kwargs)
+    seen: list[str] = []
+    for w in caught:
+        line = f"{w.category.__name__}: {str(w.message).splitlines()[0] if str(w.message) else ''}"
+        if line not in seen:
+            seen.append(line)
+    rec["warnings"] = seen[:10]
+    return rec
+
+
+def _run_trial(
     task: Task,
     name: str,
     lr: float | None,
