@@ -123,26 +123,41 @@ def test_prodigy_by_class_path_every_option_form() -> None:
     assert opt.param_groups[0]["d"] > 1e-5  # it trained: d moved
 
 
-def _takes_state_dtype_strings() -> bool:
-    try:
-        Prodigy([nn.Parameter(torch.zeros(1))], state_dtype="bf16")  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return False
-    return True
-
-
 @pytest.mark.parametrize("text, dtype", [("'bf16'", torch.bfloat16), ("'bfloat16'", torch.bfloat16),
                                          ("'float16'", torch.float16)])
 def test_prodigy_state_dtype_string(text, dtype) -> None:
     """``--optimizer_args "state_dtype='bf16'"``: literal_eval gives a str, not a torch.dtype."""
-    if not _takes_state_dtype_strings():
-        pytest.xfail("Prodigy(state_dtype=str) not in this tree yet (issue 13 item 4, the Prodigy part)")
     model = _model()
     _, _, opt = sd_scripts_get_optimizer("optimkit.Prodigy", ["d_coef=2", f"state_dtype={text}"], 1.0,
                                          model.parameters())
     _train(model, opt, 2)
     st = opt.state[model[0].weight]
     assert st["exp_avg"].dtype == st["exp_avg_sq"].dtype == dtype
+
+
+def test_prodigy_warns_at_sd_scripts_default_lr() -> None:
+    """Forgetting ``--learning_rate 1.0`` (sd-scripts' default lr is 2e-6) warns at construction,
+    for Prodigy and for Lookahead around Prodigy; ``diagnose=False`` silences it."""
+    warning = getattr(optimkit, "ProdigyDiagnosisWarning", None)
+    assert warning is not None
+    for otype, args in (("optimkit.Prodigy", []), ("optimkit.Lookahead", ["optimizer='prodigy'"])):
+        with pytest.warns(warning, match=r"lr=2e-06 is far below 1.*--learning_rate 1\.0"):
+            sd_scripts_get_optimizer(otype, args, 2e-6, _model().parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sd_scripts_get_optimizer("optimkit.Prodigy", ["diagnose=False"], 2e-6, _model().parameters())
+
+
+def test_prodigy_text_encoder_and_unet_lrs_need_split_groups() -> None:
+    """``--unet_lr 1.0 --text_encoder_lr 0.5``: refused as prodigyopt does, unless split_groups."""
+    with pytest.raises(ValueError, match="split_groups=True"):
+        sd_scripts_get_optimizer("optimkit.Prodigy", [], 1.0, _lora_groups(_model(), lrs=(0.5, 1.0)))
+    model = _model()
+    _, _, opt = sd_scripts_get_optimizer("optimkit.Prodigy", ["split_groups=True"], 1.0,
+                                         _lora_groups(model, lrs=(0.5, 1.0)))
+    _train(model, opt, 5)
+    d_te, d_unet = (g["d"] for g in opt.param_groups)
+    assert d_te != d_unet and [g["lr"] for g in opt.param_groups] == [0.5, 1.0]
 
 
 # ----------------------------------------------------------------------------- Lookahead
