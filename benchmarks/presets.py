@@ -40,7 +40,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from optimkit import Prodigy, create_optimizer
+from optimkit import Prodigy, create_optimizer, param_groups
+from optimkit.factory import resolve_optimizer
 from optimkit.compare.tasks import BUILTIN_TASKS, DEFAULT_SUITE, OPTIONAL_TASKS, Task, TaskUnavailable, build_task
 from optimkit.guide.presets import CANDIDATES as PRESETS
 
@@ -91,17 +92,26 @@ def _batches(task: Task, gen: torch.Generator) -> Iterator[tuple[Any, Tensor]]:
             yield _index(x, idx), y[idx]
 
 
-def train_losses(task: Task, name: str, lr: float, args: dict[str, Any], seed: int, steps: int) -> list[float]:
+def train_losses(task: Task, name: str, lr: float, args: dict[str, Any], seed: int, steps: int,
+                 lr_scales: dict[str, float] | None = None) -> list[float]:
     """Per-step minibatch losses of one run (stops at a non-finite or exploding loss).
 
     Seeding as ``optimkit compare``: ``torch.manual_seed(seed)`` before the model is built, the
     batches from ``Generator().manual_seed(10_000 + seed)``: every contestant of a seed starts
-    from the same weights and sees the same batches.
+    from the same weights and sees the same batches. ``lr_scales`` (``{name pattern: factor}``)
+    gives groups of parameters ``lr x factor`` (``optimkit.param_groups``), for AdamW and Prodigy
+    alike, with the weight decay create_optimizer would give.
     """
     torch.manual_seed(seed)
     model = task.make_model()
     model.train()
-    opt = create_optimizer(name, model, lr=lr, optimizer_args=dict(args))
+    if lr_scales:
+        cls = resolve_optimizer(name)[0]
+        wd = args.get("weight_decay", inspect.signature(cls).parameters["weight_decay"].default)
+        groups = param_groups(model, weight_decay=wd, lr_scales=lr_scales, base_lr=lr)
+        opt = create_optimizer(name, groups, lr=lr, optimizer_args=dict(args))
+    else:
+        opt = create_optimizer(name, model, lr=lr, optimizer_args=dict(args))
     batches = _batches(task, torch.Generator().manual_seed(10_000 + seed))
     losses: list[float] = []
     for _ in range(steps):
@@ -130,13 +140,14 @@ def initial_loss(task: Task, seeds: int, n_batches: int = 8) -> float:
     return sum(out) / len(out)
 
 
-def _final(task: Task, name: str, lr: float, args: dict[str, Any], seeds: int, steps: int) -> dict[str, Any]:
+def _final(task: Task, name: str, lr: float, args: dict[str, Any], seeds: int, steps: int,
+           lr_scales: dict[str, float] | None = None) -> dict[str, Any]:
     """Final training loss (mean of the last 10% of steps, mean over seeds) of one contestant."""
     tail = max(1, steps // 10)
     finals, diverged = [], 0
     for seed in range(seeds):
         _log(f"{task.name} · {name} lr={lr:g} {args or ''} seed {seed}")
-        losses = train_losses(task, name, lr, args, seed, steps)
+        losses = train_losses(task, name, lr, args, seed, steps, lr_scales)
         if len(losses) < steps or not math.isfinite(losses[-1]):
             diverged += 1
         else:
@@ -145,7 +156,7 @@ def _final(task: Task, name: str, lr: float, args: dict[str, Any], seeds: int, s
 
 
 def measure_task(task: Task, presets: dict[str, dict[str, Any]], lrs: tuple[float, ...], seeds: int,
-                 steps: int | None, adamw: bool = True) -> dict[str, Any]:
+                 steps: int | None, adamw: bool = True, lr_scales: dict[str, float] | None = None) -> dict[str, Any]:
     """Run the candidates and the AdamW grid on one task; return its raw numbers."""
     steps = steps or task.steps
     t0 = time.perf_counter()
@@ -155,10 +166,10 @@ def measure_task(task: Task, presets: dict[str, dict[str, Any]], lrs: tuple[floa
     }
     for name, args in presets.items():
         entry["presets"][name] = {"args": {k: list(v) if isinstance(v, tuple) else v for k, v in args.items()},
-                                  **_final(task, "prodigy", 1.0, args, seeds, steps)}
+                                  **_final(task, "prodigy", 1.0, args, seeds, steps, lr_scales)}
     if adamw:
         for lr in lrs:
-            entry["adamw"][f"{lr:g}"] = _final(task, "adamw", lr, {}, seeds, steps)
+            entry["adamw"][f"{lr:g}"] = _final(task, "adamw", lr, {}, seeds, steps, lr_scales)
     entry["wall_time_s"] = time.perf_counter() - t0
     return entry
 
@@ -243,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --merge: AdamW lrs to add to the grid (when the best lr sat at an edge)")
     ap.add_argument("--choose", default=None, metavar="JSON",
                     help="print the table of optimkit.guide.presets.NO_TUNING chosen from a results file")
+    ap.add_argument("--lr-scales", nargs="+", default=None, metavar="PATTERN=FACTOR",
+                    help="groups with different lrs (e.g. 'blocks.*=0.5'): results go to 'group_lrs' in the "
+                         "JSON, not into the preset table")
     ap.add_argument("--combine", nargs="+", default=None, metavar="JSON",
                     help="merge the tasks of several results files (runs split across processes) into --json")
     a = ap.parse_args(argv)
@@ -280,6 +294,14 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             ap.error(f"this Prodigy does not take the arguments of {sorted(missing)}")
         presets = {k: presets[k] for k in a.presets}
+    scales = None
+    if a.lr_scales:
+        scales = {}
+        for item in a.lr_scales:
+            pat, sep, val = item.rpartition("=")
+            if not sep or not pat:
+                ap.error(f"--lr-scales {item!r}: expected PATTERN=FACTOR")
+            scales[pat] = float(val)
     names = a.tasks or list(DEFAULT_SUITE) + [t for t in OPTIONAL_TASKS if t in BUILTIN_TASKS]
     out_path = a.merge or a.json
     if a.merge:
@@ -298,6 +320,16 @@ def main(argv: list[str] | None = None) -> int:
         except TaskUnavailable as e:
             results["unavailable"][name] = str(e)
             print(f"skipped {name}: {e}", file=sys.stderr)
+            continue
+        if scales:  # a side experiment: its own section, its own AdamW grid (same scales)
+            key = name + " " + " ".join(f"{k}={v:g}" for k, v in scales.items())
+            entry = measure_task(task, presets, tuple(a.lrs), a.seeds, a.steps or results["tasks"].get(name, {}).get("steps"),
+                                 lr_scales=scales)
+            entry["lr_scales"] = scales
+            score(entry)
+            results.setdefault("group_lrs", {})[key] = entry
+            with open(out_path, "w") as f:
+                json.dump(results, f, indent=1)
             continue
         if a.merge:
             old = results["tasks"].get(name)
