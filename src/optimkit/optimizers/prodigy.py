@@ -3,7 +3,8 @@ r"""Prodigy: Adam with a learning rate estimated on the fly (Mishchenko & Defazi
 Compatible with ``prodigyopt`` 1.1.2: same arguments, defaults, param-group keys and state
 keys, so a ``prodigyopt.Prodigy`` state_dict loads here and continues identically (and back).
 
-One step, with :math:`d` the current distance estimate (global: one value for every group),
+One step, with :math:`d` the current distance estimate (one value for every group; one per
+group with ``split_groups=True``, each group then running these equations on its own),
 :math:`k` the step counter, :math:`\eta` = ``lr`` (the largest group lr; groups have that lr or
 0), every sliced quantity taken on ``x.flatten()[::slice_p]``, and primes marking new values::
 
@@ -19,6 +20,8 @@ One step, with :math:`d` the current distance estimate (global: one value for ev
     d     = max(d, d_hat)                                 only while d == d0 (the first jump)
     d_max' = max(d_max, d_hat)
     d'    = min(d_max', d * growth_rate)
+    d'    = min(d', d_limit)                              if d_limit is set
+    d'    = d                                             if k >= d_freeze_step (frozen)
   phase 2: writes (groups with lr > 0)
     s     <- s'
     m     <- beta1 * m + d * (1 - beta1) * g              (no m when beta1 == 0)
@@ -126,14 +129,14 @@ from ._prodigy.common import (_LOW_PRECISION, _dtensor_sliced, _effective_lr, _i
 from ._prodigy.nonfinite import (NonFiniteMixin, NonFiniteStepError,  # noqa: F401 (public here)
                                  _locate_nonfinite, _output_problem)
 from ._prodigy.diagnosis import Diagnosis, ProdigyDiagnosisWarning  # noqa: F401 (public)
-from ._prodigy.groups import FLOAT_SCALARS, MIRRORED, check_groups, estimates
+from ._prodigy.groups import FLOAT_SCALARS, GroupsMixin, check_groups, estimates
 from ._prodigy.paths import PathsMixin
 from ._prodigy.sharding import ShardingMixin
 
 __all__ = ["Prodigy", "NonFiniteStepError", "ProdigyDiagnosisWarning", "prodigy_stats_reference", "prodigy_apply_reference"]
 
-class Prodigy(PathsMixin, ShardingMixin, NonFiniteMixin, CheckpointMixin, LowPrecisionStateMixin,
-              OptimizerBase):
+class Prodigy(PathsMixin, ShardingMixin, NonFiniteMixin, CheckpointMixin, GroupsMixin,
+              LowPrecisionStateMixin, OptimizerBase):
     r"""Prodigy, a learning-rate-free Adam (prodigyopt-compatible). Equations: module docstring.
 
     Every number below may also be a 0-dim or 1-element real tensor (as torch.optim accepts):
@@ -142,8 +145,9 @@ class Prodigy(PathsMixin, ShardingMixin, NonFiniteMixin, CheckpointMixin, LowPre
     Args:
         params: parameters or param groups (a group may be empty).
         lr: multiplier of the estimated step size ``d`` (dimensionless); keep 1.0 and tune
-            ``d_coef`` instead. Every group's lr must be the largest lr or 0 (0 freezes the
-            group: no update, no weight decay). ``0 <= lr < inf``.
+            ``d_coef`` instead (below 0.1 warns). Every group's lr must be the largest lr or
+            0 (0 freezes the group: no update, no weight decay), unless ``split_groups``.
+            ``0 <= lr < inf``.
         betas: ``(beta1, beta2)``, ``0 <= betas[0] < 1`` and ``0 <= betas[1] < 1``: decay of
             the first moment ``exp_avg`` (``beta1 = 0`` drops it and saves one buffer) and of
             the second moment ``exp_avg_sq``.
@@ -191,7 +195,9 @@ class Prodigy(PathsMixin, ShardingMixin, NonFiniteMixin, CheckpointMixin, LowPre
             10 bytes/param at ``slice_p=1``; each
             step computes in float32 and writes the state back with unbiased stochastic
             rounding (generators seeded from torch's global RNG, saved in ``state_dict``).
-            Runs the foreach path (not the fused phase 2).
+            Runs the foreach path (not the fused phase 2). Also accepted as a name:
+            ``'bfloat16'``/``'bf16'``, ``'float16'``/``'fp16'``, ``'float32'``/``'fp32'``
+            (optionally ``'torch.'``-prefixed), as config files and sd-scripts pass it.
         flat: lay the parameters, gradients and state out as views into one buffer per
             param group and (device, dtype), and step it in large chunks (see
             ``optimkit._flatten``): the same math, far less per-tensor overhead with many
@@ -205,6 +211,23 @@ class Prodigy(PathsMixin, ShardingMixin, NonFiniteMixin, CheckpointMixin, LowPre
         independent_ranks: each rank of an initialised process group trains its own model
             with this optimizer: never communicate (by default the first step checks that
             the ranks hold the same parameters, and reduces when they are shards).
+        split_groups: every param group estimates its own ``d`` (own ``d_numerator``,
+            ``d_denom``, ``d_max``, growth and ``k``; its own betas, d0, d_coef, ...) and its
+            ``lr`` multiplies its own ``d``: exactly one Prodigy per group, in one step with one
+            host sync (and one collective when sharded). For text-encoder / U-Net lrs and
+            LoRA+ ratios (``lr`` 1 and 16 for A/B). Without it, groups share one ``d`` as in
+            prodigyopt and their lrs must be the largest or 0.
+        d_limit: an absolute maximum for ``d`` (``None``: none), ``d_limit >= d0``: ``d' =
+            min(d', d_limit)`` after the update (``d_max`` keeps the uncapped estimate).
+        d_freeze_step: from the step with ``k >= d_freeze_step`` on, ``d`` stops updating and
+            the run continues as Adam with step ``d * lr`` (``None``: never; an int >= 0).
+            Both are group values that may be changed mid-run, e.g. when a LoRA starts to
+            overcook late in training.
+        diagnose: warn once (:class:`ProdigyDiagnosisWarning`) when ``lr < 0.1`` at
+            construction, when ``d`` is still ``d0`` after 100 steps with gradients (naming
+            the likely cause: lr far below 1, safeguard_warmup under a warm-up from 0, bias
+            correction, ``d0`` below the parameters' rounding step, tiny gradients) and when
+            ``d`` keeps growing (>= 10x per 25 steps for 100 steps). No extra host sync.
 
     Example:
         >>> model = torch.nn.Linear(3, 1)
@@ -317,43 +340,6 @@ class Prodigy(PathsMixin, ShardingMixin, NonFiniteMixin, CheckpointMixin, LowPre
                  "need their d sums all-reduced; independent ranks never communicate)")
 
     # ------------------------------------------------------------------ groups and state
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
-        """torch's list of param groups. Reading it brings every group's ``effective_lr`` up
-        to date with the group's current ``lr`` (a float lr; a tensor lr is read at the next
-        step, never synced here), so after ``scheduler.step()`` it is what the next step
-        applies: ``d * lr * bias_correction``."""
-        try:
-            groups = self.__dict__["param_groups"]
-        except KeyError:
-            raise AttributeError("param_groups") from None
-        if not torch.compiler.is_compiling():
-            for g in groups:
-                lr = g.get("lr")
-                if type(lr) is float and "d" in g and "k" in g:
-                    g["effective_lr"] = _effective_lr(g)
-        return groups
-
-    @param_groups.setter
-    def param_groups(self, value: list[dict[str, Any]]) -> None:
-        self.__dict__["param_groups"] = value
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if self.param_groups:
-            merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
-            self._validate_group(merged)
-            check_groups(type(self).__name__, [*self.param_groups, merged])
-        own_d0 = "d0" in param_group and "d" not in param_group  # (torch fills in defaults)
-        super().add_param_group(param_group)
-        new = self.param_groups[-1]
-        if not new["split_groups"]:
-            if len(self.param_groups) > 1:  # a late group joins the running estimate
-                for key in MIRRORED:
-                    new[key] = self.param_groups[0][key]
-        elif own_d0:  # its own estimate, from its own d0
-            new.update(d=new["d0"], d_max=new["d0"], d_hat=new["d0"])
-        new["effective_lr"] = _effective_lr(new)
-
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state["_independent_ranks"] = self.__dict__.get("_independent_ranks", False)

@@ -13,8 +13,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
+
 from ..._base import GroupWork
-from .common import _bias_correction, _norm
+from .common import _bias_correction, _effective_lr, _norm
 
 #: read from group 0 by prodigyopt; without split_groups they must agree across groups
 GLOBAL_KEYS = ("betas", "beta3", "d0", "d_coef", "growth_rate", "use_bias_correction", "decouple",
@@ -96,4 +98,48 @@ def n_live_estimates(groups: list[dict[str, Any]]) -> int:
     if groups and groups[0].get("split_groups"):
         return sum(float(g["lr"]) > 0 for g in groups)
     return int(any(float(g["lr"]) > 0 for g in groups))
+
+
+class GroupsMixin:
+    """Param groups of a Prodigy: a late group joins the running estimate (or, with
+    split_groups, starts its own from its d0), and ``effective_lr`` stays current."""
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        """torch's list of param groups. Reading it brings every group's ``effective_lr`` up
+        to date with the group's current ``lr`` (a float lr; a tensor lr is read at the next
+        step, never synced here), so after ``scheduler.step()`` it is what the next step
+        applies: ``d * lr * bias_correction``."""
+        try:
+            groups = self.__dict__["param_groups"]
+        except KeyError:
+            raise AttributeError("param_groups") from None
+        if not torch.compiler.is_compiling():
+            for g in groups:
+                if type(g.get("lr")) in (float, int) and "d" in g and "k" in g:
+                    try:
+                        g["effective_lr"] = _effective_lr(g)
+                    except (TypeError, ValueError, ZeroDivisionError, OverflowError):
+                        pass  # an invalid value: step() refuses it, naming it
+        return groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.__dict__["param_groups"] = value
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if self.param_groups:
+            merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
+            self._validate_group(merged)
+            check_groups(type(self).__name__, [*self.param_groups, merged])
+        own_d0 = "d0" in param_group and "d" not in param_group  # (torch fills in defaults)
+        super().add_param_group(param_group)
+        new = self.param_groups[-1]
+        if not new["split_groups"]:
+            if len(self.param_groups) > 1:  # a late group joins the running estimate
+                for key in MIRRORED:
+                    new[key] = self.param_groups[0][key]
+        elif own_d0:  # its own estimate, from its own d0
+            new.update(d=new["d0"], d_max=new["d0"], d_hat=new["d0"])
+        new["effective_lr"] = _effective_lr(new)
 
