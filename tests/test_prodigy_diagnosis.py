@@ -96,8 +96,8 @@ def test_each_warning_once_and_diagnose_false_silences():
     assert msgs == []
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(weight_decay=0.01, use_bias_correction=True),
-                                dict(growth_rate=1.02, safeguard_warmup=True), dict(d0=1e-9)])
+@pytest.mark.parametrize("kw", [dict(), dict(weight_decay=0.01, use_bias_correction=True,
+                                              safeguard_warmup=True, d0=1e-9)])
 def test_healthy_runs_warn_nothing(kw):
     with warnings.catch_warnings():
         warnings.simplefilter("error", ProdigyDiagnosisWarning)

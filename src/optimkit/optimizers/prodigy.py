@@ -133,7 +133,8 @@ from ._prodigy.groups import FLOAT_SCALARS, GroupsMixin, check_groups, estimates
 from ._prodigy.paths import PathsMixin
 from ._prodigy.sharding import ShardingMixin
 
-__all__ = ["Prodigy", "NonFiniteStepError", "ProdigyDiagnosisWarning", "prodigy_stats_reference", "prodigy_apply_reference"]
+__all__ = ["Prodigy", "NonFiniteStepError", "ProdigyDiagnosisWarning", "prodigy_stats_reference",
+           "prodigy_apply_reference"]
 
 class Prodigy(PathsMixin, ShardingMixin, NonFiniteMixin, CheckpointMixin, GroupsMixin,
               LowPrecisionStateMixin, OptimizerBase):
@@ -487,7 +488,8 @@ class Prodigy(PathsMixin, ShardingMixin, NonFiniteMixin, CheckpointMixin, Groups
                     self.param_groups, e.active, self.state) + ")")
                 return
             update = den != 0.0  # no gradient signal yet: prodigyopt keeps s, m, v, returns
-            d_new, d_max, d_numerator, d_hat = e.d, e.d_max, float(g0["d_numerator"]), float(g0["d_hat"])
+            d_new, d_max = e.d, e.d_max
+            d_numerator, d_hat = float(g0["d_numerator"]), float(g0["d_hat"])
             if update:
                 # ---- d update (host floats)
                 d_numerator = d_numerator * e.beta3 + delta

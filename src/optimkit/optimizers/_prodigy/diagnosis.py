@@ -121,8 +121,9 @@ class Diagnosis:
         g0 = e.groups[0]
         eps = float(g0["eps"])
         bc = _bias_correction(g0, e.k)
-        head = (f"{owner}: d is still d0={e.d0:g} (d={float(g0['d']):.3g}) after {tr.stuck} steps with non-zero "
-                f"gradients{_which(opt, e)}: Prodigy is not adapting. Likely cause: ")
+        head = (f"{owner}: d is still d0={e.d0:g} (d={float(g0['d']):.3g}) after {tr.stuck} "
+                f"steps with non-zero gradients{_which(opt, e)}: Prodigy is not adapting. "
+                "Likely cause: ")
         if g0["safeguard_warmup"] and tr.first_lr < 0.5 * e.lr:
             return head + (
                 f"safeguard_warmup=True under an lr warm-up (lr rose from {tr.first_lr:g} to "
