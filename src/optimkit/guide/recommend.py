@@ -120,8 +120,9 @@ def _measured_text(key: str, preset: Any) -> str:
     miss = [t for t, g in preset.gaps.items() if g > TARGET_GAP]
     verdict = (f"misses the {TARGET_GAP} target on {', '.join(miss)}" if miss
                else f"within the {TARGET_GAP} target")
+    note = f". {preset.note}" if preset.note else ""
     return (f"zero-tuning preset {preset.preset!r} for {key}, chosen by measurement: gap to the best AdamW "
-            f"of an lr grid {gaps} ({verdict}; {EVIDENCE}, docs/choosing.md)")
+            f"of an lr grid {gaps} ({verdict}; {EVIDENCE}, docs/choosing.md){note}")
 
 
 def _avoid(traits: Traits) -> list[tuple[str, str]]:
