@@ -500,9 +500,12 @@ BUILTIN_TASKS: dict[str, Callable[[bool], Task]] = {
     "docbow": make_docbow,
     "mnist1d": make_mnist1d,
     "fashion": make_fashion,
-    "fortunes": lambda quick=False: importlib.import_module(".tasks_extra", __package__).make_fortunes(quick),
-    "fortunes_ft": lambda quick=False: importlib.import_module(".tasks_extra", __package__).make_fortunes_ft(quick),
+    "fortunes": (lambda quick=False: importlib.import_module(".tasks_extra", __package__).make_fortunes(quick)),
+    "fortunes_ft": (lambda quick=False: importlib.import_module(".tasks_extra", __package__).make_fortunes_ft(quick)),
 }
+# tasks_extra imports this module, so its builders are imported on first use; their one-line docs:
+BUILTIN_TASKS["fortunes"].__doc__ = "A char transformer on Debian's fortunes (apt install fortunes)."
+BUILTIN_TASKS["fortunes_ft"].__doc__ = "Fine-tuning: the char transformer pretrained on CPython docs, trained on fortunes."
 DEFAULT_SUITE: tuple[str, ...] = ("logreg", "cnn", "charlm", "docbow")
 OPTIONAL_TASKS: tuple[str, ...] = ("mnist1d", "fashion", "fortunes", "fortunes_ft")
 
