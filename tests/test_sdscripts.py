@@ -7,18 +7,23 @@ checked here through that rule, not through optimkit's own factory.
 
 from __future__ import annotations
 
-import ast
-import importlib
-import inspect
-import sys
-import warnings
+import os
 
-import pytest
-import torch
-from torch import nn
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before any Hugging Face import: nothing is downloaded
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import optimkit
-from optimkit import Lookahead, Prodigy
+import ast  # noqa: E402
+import importlib  # noqa: E402
+import inspect  # noqa: E402
+import sys  # noqa: E402
+import warnings  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import optimkit  # noqa: E402
+from optimkit import Lookahead, Prodigy  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
