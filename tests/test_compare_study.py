@@ -341,3 +341,15 @@ def test_one_coordinator_per_folder(tmp_path, capsys):
         held.close()
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "another optimkit compare is running" in err
+
+
+def test_missing_tensorboard_refused_before_the_run(tmp_path, capsys, monkeypatch):
+    from optimkit.compare import export
+
+    monkeypatch.setattr(export, "tensorboard_available", lambda: False)
+    out = tmp_path / "r"
+    rc = main(["compare", "--task", f"{THIS}:make_blobs", "--optimizers", "sgd", "--steps", "3", "--seeds", "1",
+               "--jobs", "1", "--out", str(out), "--tensorboard", str(tmp_path / "tb"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "optimkit[tensorboard]" in err
+    assert not out.exists() or not any(out.iterdir())  # nothing ran, nothing stored

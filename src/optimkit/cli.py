@@ -204,6 +204,10 @@ def _compare(args: argparse.Namespace) -> int:
         raise UsageError(f"invalid --jobs {args.jobs}; expected >= 0")
     if args.budget and args.lr_sweep:
         raise UsageError("--budget and --lr-sweep are two ways to tune; give one")
+    if args.tensorboard and not args.worker:
+        from .compare.export import require_tensorboard
+
+        require_tensorboard()  # before the run: a missing package fails in a second, not after it
     to_stdout = args.json == "-"
     writes = not args.no_report
     if (writes or args.report_only or args.worker) and not args.storage:
@@ -287,18 +291,12 @@ def _compare(args: argparse.Namespace) -> int:
 def _finish(args: argparse.Namespace, result: dict[str, Any], to_stdout: bool, print_report: Any,
             write_json: Any) -> int:
     """Print and write the report; exit 1 when a trial failed (0 otherwise)."""
-    import inspect
-
     from .compare import write_report
 
     if not to_stdout:
         print_report(result)
     if not args.no_report:
-        extra = {"tensorboard": args.tensorboard, "x_axis": args.x_axis}
-        accepted = inspect.signature(write_report).parameters
-        write_report(result, args.out, **{k: v for k, v in extra.items() if k in accepted})
-        if args.tensorboard and "tensorboard" not in accepted:
-            print(f"{_PROG} compare: warning: this report writer has no TensorBoard output yet", file=sys.stderr)
+        write_report(result, args.out, tensorboard=args.tensorboard, x_axis=args.x_axis)
         where = Path(args.out) / "index.html"
         print(f"report: {where}  (plots, results.json)", file=sys.stderr if to_stdout else sys.stdout)
     if args.json:
