@@ -116,7 +116,7 @@ def resolve_impl(
     be read in the wrong order, so such groups run foreach too.
     """
     why = ""
-    if any((t.device.type, t.dtype) in fused_broken for t in tensors):
+    if fused_broken and any((t.device.type, t.dtype) in fused_broken for t in tensors):
         why = (f"torch {torch.__version__}'s fused kernel is wrong for "
                f"{sorted({f'{d}/{str(t)[6:]}' for d, t in fused_broken})} tensors")
     elif any(p.numel() > 1 and p.stride() != g.stride() for p, g in zip(tensors, grads)):
