@@ -1,6 +1,7 @@
 # The README's two commands: `make demo` (the main job) and `make test`.
-# Both create .venv themselves; torch==2.13.0 is installed explicitly first so pip
-# never resolves an unpinned torch (which would pull several GB of CUDA wheels).
+# Both create .venv themselves; torch==2.13.0 is installed explicitly first so pip never
+# resolves optimkit's open range to a newer torch. The pin fixes the version, not the build:
+# the configured index decides (CPU or CUDA); see README "What the torch pin does".
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
