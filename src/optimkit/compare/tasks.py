@@ -268,18 +268,24 @@ def _lm_loss(logits: Tensor, targets: Tensor) -> Tensor:
     return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
-def make_charlm(quick: bool = False) -> Task:
-    """A small character-level transformer language model on real English prose."""
-    text, source = _english_text()
-    counts = Counter(text)
-    # characters seen fewer than 20 times share one "unknown" id (id 0)
+def char_vocab(*texts: str) -> dict[str, int]:
+    """Character -> id over ``texts``; characters seen fewer than 20 times share id 0."""
+    counts: Counter[str] = Counter()
+    for t in texts:
+        counts.update(t)
     chars = sorted(c for c, n in counts.items() if n >= 20)
-    stoi = {c: i + 1 for i, c in enumerate(chars)}
-    ids = torch.tensor([stoi.get(c, 0) for c in text], dtype=torch.long)
-    vocab = len(chars) + 1
-    ctx, batch = 64, 16
-    n_val = len(ids) // 10
-    train_ids, val_ids = ids[:-n_val], ids[-n_val:]  # validation = the last 10%, unseen text
+    return {c: i + 1 for i, c in enumerate(chars)}
+
+
+def encode_chars(text: str, stoi: dict[str, int]) -> Tensor:
+    return torch.tensor([stoi.get(c, 0) for c in text], dtype=torch.long)
+
+
+def char_lm_data(
+    train_ids: Tensor, val_ids: Tensor, ctx: int = 64, batch: int = 16
+) -> tuple[Tensor, Tensor, Callable[[torch.Generator], Iterator[Batch]]]:
+    """A char-LM's fixed validation windows (96, seeded) and its training-batch stream:
+    ``(val_x, val_y, batches)``; targets are the inputs shifted by one character."""
     g = torch.Generator().manual_seed(1)
     starts = torch.randint(0, len(val_ids) - ctx - 1, (96,), generator=g)
     val_x = torch.stack([val_ids[s : s + ctx] for s in starts])
@@ -290,6 +296,20 @@ def make_charlm(quick: bool = False) -> Task:
         while True:
             s = torch.randint(0, len(train_ids) - ctx - 1, (batch, 1), generator=gen)
             yield train_ids[s + offsets], train_ids[s + offsets + 1]
+
+    return val_x, val_y, batches
+
+
+def make_charlm(quick: bool = False) -> Task:
+    """A small character-level transformer language model on real English prose."""
+    text, source = _english_text()
+    stoi = char_vocab(text)
+    ids = encode_chars(text, stoi)
+    vocab = len(stoi) + 1
+    ctx = 64
+    n_val = len(ids) // 10
+    train_ids, val_ids = ids[:-n_val], ids[-n_val:]  # validation = the last 10%, unseen text
+    val_x, val_y, batches = char_lm_data(train_ids, val_ids, ctx)
 
     return Task(
         name="charlm",

@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import os
 import re
-from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from .tasks import Batch, Task, TaskUnavailable, _CharTransformer, _lm_loss
+from .tasks import Task, TaskUnavailable, _CharTransformer, _lm_loss, char_lm_data, char_vocab, encode_chars
 
 __all__ = ["make_fortunes", "make_fortunes_ft", "fortunes_text"]
 
@@ -57,26 +55,14 @@ def fortunes_text() -> tuple[str, str]:
 def make_fortunes(quick: bool = False) -> Task:
     """A 2-layer character transformer on the Debian fortunes (a second real-prose char-LM)."""
     text, source = fortunes_text()
-    counts = Counter(text)
-    chars = sorted(c for c, n in counts.items() if n >= 20)  # rarer characters -> id 0
-    stoi = {c: i + 1 for i, c in enumerate(chars)}
-    ids = torch.tensor([stoi.get(c, 0) for c in text], dtype=torch.long)
-    vocab = len(chars) + 1
-    ctx, batch = 64, 16
+    stoi = char_vocab(text)  # rarer characters -> id 0
+    ids = encode_chars(text, stoi)
+    vocab = len(stoi) + 1
+    ctx = 64
     # the files are sorted by topic: validation = every 10th block of 4096 characters
-    blocks = torch.arange(len(ids)) // 4096
-    is_val = blocks % 10 == 9
+    is_val = (torch.arange(len(ids)) // 4096) % 10 == 9
     train_ids, val_ids = ids[~is_val], ids[is_val]
-    g = torch.Generator().manual_seed(1)
-    starts = torch.randint(0, len(val_ids) - ctx - 1, (96,), generator=g)
-    val_x = torch.stack([val_ids[s: s + ctx] for s in starts])
-    val_y = torch.stack([val_ids[s + 1: s + ctx + 1] for s in starts])
-
-    def batches(gen: torch.Generator) -> Iterator[Batch]:
-        offsets = torch.arange(ctx)
-        while True:
-            s = torch.randint(0, len(train_ids) - ctx - 1, (batch, 1), generator=gen)
-            yield train_ids[s + offsets], train_ids[s + offsets + 1]
+    val_x, val_y, batches = char_lm_data(train_ids, val_ids, ctx)
 
     return Task(
         name="fortunes",
@@ -110,21 +96,16 @@ def make_fortunes_ft(quick: bool = False) -> Task:
 
     target, source = fortunes_text()
     pre_text, pre_source = _english_text()
-    counts = Counter(target) + Counter(pre_text)
-    chars = sorted(c for c, n in counts.items() if n >= 20)
-    stoi = {c: i + 1 for i, c in enumerate(chars)}
-    vocab, ctx, batch = len(chars) + 1, 64, 16
+    stoi = char_vocab(target, pre_text)
+    vocab, ctx, batch = len(stoi) + 1, 64, 16
 
     def encode(text: str) -> torch.Tensor:
-        return torch.tensor([stoi.get(c, 0) for c in text], dtype=torch.long)
+        return encode_chars(text, stoi)
 
     ids = encode(target)
     is_val = (torch.arange(len(ids)) // 4096) % 10 == 9
     train_ids, val_ids = ids[~is_val], ids[is_val]
-    g = torch.Generator().manual_seed(1)
-    starts = torch.randint(0, len(val_ids) - ctx - 1, (96,), generator=g)
-    val_x = torch.stack([val_ids[s: s + ctx] for s in starts])
-    val_y = torch.stack([val_ids[s + 1: s + ctx + 1] for s in starts])
+    val_x, val_y, batches = char_lm_data(train_ids, val_ids, ctx, batch)
     offsets = torch.arange(ctx)
 
     key = f"{source}|{pre_source}|{vocab}"
@@ -148,11 +129,6 @@ def make_fortunes_ft(quick: bool = False) -> Task:
         m = _CharTransformer(vocab, ctx)
         m.load_state_dict(weights)
         return m
-
-    def batches(gen: torch.Generator) -> Iterator[Batch]:
-        while True:
-            s = torch.randint(0, len(train_ids) - ctx - 1, (batch, 1), generator=gen)
-            yield train_ids[s + offsets], train_ids[s + offsets + 1]
 
     return Task(
         name="fortunes_ft",
