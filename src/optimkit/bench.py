@@ -379,7 +379,7 @@ class Config:
     cold_compile: bool = True
     seed: int = 0
     contention: bool = False
-    contention_s: float = 600.0  # the background process's own time limit
+    contention_s: float = 1800.0  # the background process's own time limit
 
 
 @dataclass

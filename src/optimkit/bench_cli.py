@@ -65,9 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the contention scenario: every optimizer's default step against torch.optim's "
                    "default (prodigyopt for Prodigy), first alone, then with one background process "
                    "running 2-thread torch matmuls; reports mean, median and max over windows")
-    p.add_argument("--contention-seconds", type=float, default=600.0,
+    p.add_argument("--contention-seconds", type=float, default=1800.0,
                    help="time limit of the background process (it is stopped as soon as the "
-                   "measurement ends; default 600)")
+                   "measurement ends; default 1800)")
     p.add_argument("--json", metavar="PATH", help="also write the full results as JSON")
     p.add_argument("--render", metavar="PATH",
                    help="measure nothing: print the tables of a JSON written by --json")

@@ -271,7 +271,11 @@ def print_contention(report: dict[str, Any], console: Any) -> None:
     bg = report["contention"]
     console.print(
         f"{_header(report)}; contention: one background process ({bg['what']}), pid {bg['pid']}, "
-        f"running {bg['ran_s']:.1f} s; load avg while loaded {bg['loadavg_loaded'][0]:.2f}",
+        f"running {min(bg['ran_s'], bg['limit_s']):.1f} s"
+        + ("" if bg.get("alive_at_stop") is not False else
+           f" (it reached its {bg['limit_s']:.0f} s limit before the loaded phase ended: the last "
+           "rows ran without it)")
+        + f"; load avg while loaded {bg['loadavg_loaded'][0]:.2f}",
         highlight=False,
     )
     for set_name, smeta in report["sets"].items():
