@@ -280,3 +280,25 @@ def test_cuda_fused_matches_cpu_reference(cls, cfg):
         opt.step()
     for a, b in zip(ps, ref[0]):
         torch.testing.assert_close(a.detach().cpu(), b.detach(), **F64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sgd_fused_true_on_half_cpu_falls_back_loudly(dtype):
+    """SGD(fused=True) on CPU half tensors would hit torch's broken kernel (SGD._fused_broken):
+    it warns once per step call, naming the reason, and steps exactly like foreach=True."""
+    gen = torch.Generator().manual_seed(0)
+    init, grad = torch.randn(4099, generator=gen).to(dtype), torch.randn(4099, generator=gen).to(dtype)
+    out = {}
+    for flags in (dict(fused=True), dict(foreach=True)):
+        p = torch.nn.Parameter(init.clone())
+        opt = optimkit.SGD([p], lr=0.1, momentum=0.9, **flags)
+        for _ in range(3):
+            p.grad = grad.clone()
+            if flags.get("fused"):
+                with pytest.warns(RuntimeWarning, match="fused kernel is wrong for .*using the foreach path"):
+                    opt.step()
+            else:
+                opt.step()
+        out[tuple(flags)] = p.detach().clone()
+    assert torch.equal(out[("fused",)], out[("foreach",)])
+    assert not torch.equal(out[("fused",)], init)

@@ -97,7 +97,8 @@ def test_a_step_of_small_tensors_runs_on_one_thread(cls, two_threads, monkeypatc
 
     monkeypatch.setattr(cls, "_apply", spy)
     ps = [torch.nn.Parameter(torch.randn(n)) for n in (10, 300, SMALL)]
-    opt = cls(ps, lr=1e-3, **({"momentum": 0.9} if cls is optimkit.SGD else {}))
+    opt = cls(ps, lr=1.0 if cls is optimkit.Prodigy else 1e-3,  # Prodigy: lr multiplies d
+              **({"momentum": 0.9} if cls is optimkit.SGD else {}))
     for p in ps:
         p.grad = torch.randn_like(p)
     opt.step()

@@ -119,6 +119,8 @@ def resolve_impl(
     if fused_broken and any((t.device.type, t.dtype) in fused_broken for t in tensors):
         why = (f"torch {torch.__version__}'s fused kernel is wrong for "
                f"{sorted({f'{d}/{str(t)[6:]}' for d, t in fused_broken})} tensors")
+    elif any(g.is_sparse for g in grads):
+        why = "a gradient is sparse (the fused kernels take dense gradients only)"
     elif any(p.numel() > 1 and p.stride() != g.stride() for p, g in zip(tensors, grads)):
         why = "a gradient's memory layout (strides) differs from its parameter's"
     if fused:
