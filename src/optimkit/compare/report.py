@@ -371,9 +371,12 @@ def print_report(result: dict[str, Any], console: Any = None) -> None:
     from .verdict import verdict
 
     if console is None:
+        import os
         import sys
 
-        console = Console(file=sys.stdout, width=None if sys.stdout.isatty() else 200)
+        # a terminal (or an explicit COLUMNS) sets the width; a pipe or file gets wide tables
+        console = Console(file=sys.stdout,
+                          width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 200)
     width = console.width
     mode = _mode(result)
     if result.get("title"):
