@@ -281,11 +281,22 @@ def encode_chars(text: str, stoi: dict[str, int]) -> Tensor:
     return torch.tensor([stoi.get(c, 0) for c in text], dtype=torch.long)
 
 
-def char_lm_data(
-    train_ids: Tensor, val_ids: Tensor, ctx: int = 64, batch: int = 16
-) -> tuple[Tensor, Tensor, Callable[[torch.Generator], Iterator[Batch]]]:
-    """A char-LM's fixed validation windows (96, seeded) and its training-batch stream:
-    ``(val_x, val_y, batches)``; targets are the inputs shifted by one character."""
+def char_lm_task(
+    name: str,
+    train_ids: Tensor,
+    val_ids: Tensor,
+    make_model: Callable[[], nn.Module],
+    *,
+    target: float,
+    description: str,
+    family: str,
+    info: dict[str, Any],
+    ctx: int = 64,
+    batch: int = 16,
+) -> Task:
+    """A character-LM task: next-character cross-entropy, validation perplexity on 96 fixed
+    windows of ``ctx`` characters (seeded), training batches of ``batch`` random windows;
+    targets are the inputs shifted by one character."""
     g = torch.Generator().manual_seed(1)
     starts = torch.randint(0, len(val_ids) - ctx - 1, (96,), generator=g)
     val_x = torch.stack([val_ids[s : s + ctx] for s in starts])
@@ -297,7 +308,20 @@ def char_lm_data(
             s = torch.randint(0, len(train_ids) - ctx - 1, (batch, 1), generator=gen)
             yield train_ids[s + offsets], train_ids[s + offsets + 1]
 
-    return val_x, val_y, batches
+    return Task(
+        name=name,
+        make_model=make_model,
+        loss_fn=_lm_loss,
+        train_batches=batches,
+        val_data=(val_x, val_y),
+        metric="perplexity",
+        steps=300,
+        quick_steps=60,
+        target=target,
+        description=description,
+        family=family,
+        info=info,
+    )
 
 
 def make_charlm(quick: bool = False) -> Task:
@@ -309,21 +333,13 @@ def make_charlm(quick: bool = False) -> Task:
     ctx = 64
     n_val = len(ids) // 10
     train_ids, val_ids = ids[:-n_val], ids[-n_val:]  # validation = the last 10%, unseen text
-    val_x, val_y, batches = char_lm_data(train_ids, val_ids, ctx)
-
-    return Task(
-        name="charlm",
-        make_model=lambda: _CharTransformer(vocab, ctx),
-        loss_fn=_lm_loss,
-        train_batches=batches,
-        val_data=(val_x, val_y),
-        metric="perplexity",
-        steps=300,
-        quick_steps=60,
+    return char_lm_task(
+        "charlm", train_ids, val_ids, lambda: _CharTransformer(vocab, ctx),
         target=10.0,
         description="2-layer causal transformer (d=48, 4 heads), characters of English prose, context 64",
         family="transformer",
         info={"data": source, "chars": len(ids), "vocab": vocab, "context": ctx},
+        ctx=ctx,
     )
 
 

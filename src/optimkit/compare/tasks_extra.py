@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .tasks import Task, TaskUnavailable, _CharTransformer, _lm_loss, char_lm_data, char_vocab, encode_chars
+from .tasks import Task, TaskUnavailable, _CharTransformer, _lm_loss, char_lm_task, char_vocab, encode_chars
 
 __all__ = ["make_fortunes", "make_fortunes_ft", "fortunes_text"]
 
@@ -62,21 +62,13 @@ def make_fortunes(quick: bool = False) -> Task:
     # the files are sorted by topic: validation = every 10th block of 4096 characters
     is_val = (torch.arange(len(ids)) // 4096) % 10 == 9
     train_ids, val_ids = ids[~is_val], ids[is_val]
-    val_x, val_y, batches = char_lm_data(train_ids, val_ids, ctx)
-
-    return Task(
-        name="fortunes",
-        make_model=lambda: _CharTransformer(vocab, ctx),
-        loss_fn=_lm_loss,
-        train_batches=batches,
-        val_data=(val_x, val_y),
-        metric="perplexity",
-        steps=300,
-        quick_steps=60,
+    return char_lm_task(
+        "fortunes", train_ids, val_ids, lambda: _CharTransformer(vocab, ctx),
         target=10.0,
         description="2-layer causal transformer (d=48, 4 heads), characters of Debian fortunes, context 64",
         family="transformer",
         info={"data": source, "chars": len(ids), "vocab": vocab, "context": ctx, "n_val_chars": int(is_val.sum())},
+        ctx=ctx,
     )
 
 
@@ -105,7 +97,6 @@ def make_fortunes_ft(quick: bool = False) -> Task:
     ids = encode(target)
     is_val = (torch.arange(len(ids)) // 4096) % 10 == 9
     train_ids, val_ids = ids[~is_val], ids[is_val]
-    val_x, val_y, batches = char_lm_data(train_ids, val_ids, ctx, batch)
     offsets = torch.arange(ctx)
 
     key = f"{source}|{pre_source}|{vocab}"
@@ -130,18 +121,12 @@ def make_fortunes_ft(quick: bool = False) -> Task:
         m.load_state_dict(weights)
         return m
 
-    return Task(
-        name="fortunes_ft",
-        make_model=make_model,
-        loss_fn=_lm_loss,
-        train_batches=batches,
-        val_data=(val_x, val_y),
-        metric="perplexity",
-        steps=300,
-        quick_steps=60,
+    return char_lm_task(
+        "fortunes_ft", train_ids, val_ids, make_model,
         target=8.0,
         description="fine-tuning: char transformer pretrained on CPython docs (200 AdamW steps), trained on fortunes",
         family="fine-tune",
         info={"data": source, "pretrained_on": pre_source, "pretrain": "AdamW lr 3e-3, 200 steps, seed 123",
               "chars": len(ids), "vocab": vocab, "context": ctx},
+        ctx=ctx, batch=batch,
     )
