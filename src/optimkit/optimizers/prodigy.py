@@ -402,9 +402,7 @@ class Prodigy(PathsMixin, ShardingMixin, NonFiniteMixin, CheckpointMixin, Groups
         return spec
 
     def _gather(self, gi: int, group: dict[str, Any]) -> GroupWork:
-        if gi == 0:  # before any state is created: the whole step is checked first
-            for g in self.param_groups:  # values set after construction (a scheduler, a user)
-                self._validate_group(g)
+        if gi == 0:  # before any state is created (the base step() has validated each group)
             check_groups(type(self).__name__, self.param_groups)
             if self._independent_ranks and self._has_sharded_params():
                 raise ValueError(
