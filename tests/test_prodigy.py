@@ -763,6 +763,40 @@ def test_fused_fast_path_small_tensor_runs_and_pieces_agree():
         _rel_close(b.detach(), a.detach(), 1e-5, "param")
 
 
+def test_fused_fast_path_probe_overflow_is_rechecked_exactly(monkeypatch):
+    """The fast path bounds max |g| by ||g_piece||_2, whose float32 square overflows for
+    gradients near 1e19 although every sum, and the step, are finite. Such a step must not be
+    refused as non-finite: the exact max is taken on the host and the step equals the
+    reference's (to float32 rounding)."""
+    import optimkit.optimizers._prodigy.foreach as foreach_mod
+    import optimkit.optimizers.prodigy as prodigy_mod
+
+    monkeypatch.setitem(foreach_mod._CHUNK_BYTES, "cpu", 4096)  # pieces of 512 elements
+    exact = {"n": 0}
+    orig = prodigy_mod.Prodigy._exact_gmax
+
+    def counting(self, e):
+        exact["n"] += 1
+        return orig(self, e)
+
+    monkeypatch.setattr(prodigy_mod.Prodigy, "_exact_gmax", counting)
+    gen = torch.Generator().manual_seed(3)
+    init = torch.randn(3000, generator=gen)
+    runs = []
+    for foreach in (False, True):
+        p = torch.nn.Parameter(init.clone())
+        opt = optimkit.Prodigy([p], foreach=foreach)
+        for t in range(3):
+            p.grad = torch.randn(3000, generator=torch.Generator().manual_seed(10 + t)) * 1e19
+            opt.step()
+        runs.append((p.detach().clone(), opt.param_groups[0]["d"]))
+    (pa, da), (pb, db) = runs
+    assert exact["n"] >= 1  # the bound overflowed and was replaced by the exact max
+    assert db == pytest.approx(da, rel=1e-5)
+    assert torch.isfinite(pb).all() and not torch.equal(pb, init)
+    _rel_close(pb, pa, 1e-5, "param")
+
+
 # ====================================================================== robustness (issue 11)
 def _snap(opt, params) -> Any:
     """Everything a failed call must leave untouched, for a bitwise comparison: parameters,

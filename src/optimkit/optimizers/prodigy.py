@@ -481,6 +481,8 @@ class Prodigy(PathsMixin, ShardingMixin, NonFiniteMixin, CheckpointMixin, Groups
         new = []
         for e, (delta, den, gmax, pmax, smax) in zip(ests, sums.est):
             g0 = e.groups[0]
+            if not math.isfinite(gmax) and all(math.isfinite(x) for x in (delta, den, pmax, smax)):
+                gmax = self._exact_gmax(e)  # the fast path's bound overflowed; rare
             if not all(math.isfinite(x) for x in (delta, den, gmax, pmax, smax)):
                 self._reject("non-finite statistics in this step (" + _locate_nonfinite(
                     self.param_groups, e.active, self.state) + ")")

@@ -18,6 +18,9 @@ _FAST_DTYPES = (torch.float32,)
 _FAST_DEVICES = ("cpu",)
 _FAST_D_RANGE = (1e-30, 1e30)
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+#: largest ``beta3 / c_s`` for which phase 1 sums ``|g + (beta3 / c_s) s|`` (see
+#: :func:`prodigy_stats_fast`)
+_MAX_RATIO = 1e20
 
 
 def prodigy_stats_fast(
@@ -36,8 +39,15 @@ def prodigy_stats_fast(
     overhead dominates below ~10^4 elements). Float32 sums in another order than the
     reference: agreement to float32 rounding, not bitwise. A NaN/inf anywhere in ``g``
     (``slice_p == 1``), ``p``, ``p0`` or ``s`` makes a sum non-finite, as in the reference.
-    The probe, max |g|, is taken piece by piece while the piece is in cache (``slice_p ==
-    1``), or over whole gradients (``slice_p > 1``: the slices do not see every entry).
+    The probe is an upper bound on max |g| (the output checks need no more): exact max |g|
+    over each run of small tensors, ``||g_piece||_2`` for the pieces of large tensors (a dot
+    while the piece is in cache; ``aminmax`` cost ~0.27x a fused AdamW step on its own), or
+    the exact max over whole gradients (``slice_p > 1``: the slices do not see every entry).
+    A piece whose ``<g, g>`` overflows float32 (``||g_piece||_2 > 1.8e19``) makes the probe
+    inf; ``Prodigy._apply`` then takes the exact max before deciding (``_exact_gmax``).
+    ``||s'||_1`` of a large piece is ``c_s * ||g + (beta3 / c_s) s||_1`` (one op where the
+    literal form takes two). Measured (1 thread, 2^24 float32, 2^18-element pieces, ratio to
+    a fused AdamW step over the same size): this phase 1.67-1.80x before, 1.29-1.39x after.
     """
     dev = params[0].device
     acc = _acc_dtype(dev)
@@ -47,6 +57,14 @@ def prodigy_stats_fast(
     l1s: list[Tensor] = []
     gmax: list[Tensor] = []
     small: list[int] = []  # indices of a run of small tensors, reduced together
+    sqs: list[Tensor] = []  # per large piece <g, g>
+    l1_over_c: list[Tensor] = []  # per large piece ||s'||_1 / c_s
+    # ||s'||_1 = c_s * ||g + (beta3 / c_s) s||_1 (c_s > 0): one op instead of mul + add_. The
+    # ratio stays far from float32's range in practice (s / c_s is a decayed sum of past
+    # gradients while d, hence c_s, does not decrease); a ratio outside the guard takes
+    # the two-op form.
+    scaled = c_s > 0 and beta3 / c_s < _MAX_RATIO
+    ratio = beta3 / c_s if scaled else 0.0
 
     def flush() -> None:
         if not small:
@@ -85,13 +103,22 @@ def prodigy_stats_fast(
             pp, gg, ss = p_sl[lo:hi], g_sl[lo:hi], s[i][lo:hi]
             qq = q if q.dim() == 0 else q[lo:hi]  # 0-dim: a zero p0 (broadcasts)
             if slice_p == 1:
-                lo_, hi_ = torch.aminmax(gg)
-                gmax += [hi_, lo_.neg()]
+                # ||g_piece||_2 >= max |g_piece|: a bound, which is all the output checks need
+                # (one BLAS dot on the piece while it is in cache, ~0.3x the cost of aminmax)
+                sqs.append(torch.dot(gg, gg))
             if coupled_wd != 0:
                 gg = torch.add(gg, pp, alpha=coupled_wd, out=buf_b[:hi - lo])
             dots.append(torch.dot(gg, torch.sub(qq, pp, out=buf_a[:hi - lo])))
-            l1s.append(torch.mul(ss, beta3, out=buf_a[:hi - lo]).add_(gg, alpha=c_s).abs_().sum())
+            if scaled:  # ||s'||_1 / c_s in one pass over s: add with alpha, abs, sum
+                l1_over_c.append(torch.add(gg, ss, alpha=ratio, out=buf_a[:hi - lo]).abs_().sum())
+            else:
+                l1s.append(torch.mul(ss, beta3, out=buf_a[:hi - lo]).add_(gg, alpha=c_s)
+                           .abs_().sum())
     flush()
+    if sqs:  # max over pieces of ||g_piece||_2 (an inf here is re-checked exactly on the host)
+        gmax.append(torch.stack(sqs).max().sqrt())
+    if l1_over_c:
+        l1s.append(torch.stack(l1_over_c).to(acc).sum() * c_s)
     chk = torch.zeros((), dtype=acc, device=dev)
     nonempty = [g for g in grads if g.numel()]
     if gmax:

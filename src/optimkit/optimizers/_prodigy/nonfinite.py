@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ..._base import GroupWork
-from .common import _local, _sliced_local
+from .common import _local, _max_abs, _sliced_local
 
 
 class NonFiniteStepError(FloatingPointError):
@@ -55,6 +55,17 @@ class NonFiniteMixin:
                 for b in buckets:
                     if b.ready and not b.state and getattr(b, "_had_state", False):
                         b.after_step(self, self.param_groups[gi])
+
+    def _exact_gmax(self, e: Any) -> float:
+        """max |g| over estimate ``e``'s gradients, when the probe (a bound: the fast path
+        takes ``||g_piece||_2``, see ``prodigy_stats_fast``) overflowed although every sum is
+        finite: gradients near float32's range, refused or not on the exact value. An extra
+        host sync, on this rare path only. Sharded (``reduce`` / ``check``) the ranks would
+        need another collective to agree, so the bound stays (the step is refused)."""
+        if self._dist_mode() not in ("local", "replicated"):
+            return math.inf
+        m = _max_abs([_local(g) for w in e.active for g in w.grads])
+        return math.inf if m is None else float(m)
 
     def _reject(self, problem: str) -> None:
         """A step whose inputs or outputs are non-finite: undo state creation, then raise or
