@@ -329,3 +329,32 @@ def test_contention_process_is_stopped_on_interrupt(monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         bench_contention.run_contention(cfg, background=bg)
     assert bg.pid is not None and not bench_contention.pid_alive(bg.pid)
+
+
+def test_prodigy_targets_against_adamw_use_the_same_run():
+    """Issue 14 item 3: Prodigy's default and compiled rows over (52/28) x torch's fused AdamW
+    of the same run, and the compiled first step against the cold or warm budget."""
+    from optimkit.bench_report import evaluate_targets
+
+    def row(algo, library, impl, label, ms, cold=100.0):
+        return dict(set="transformer", optimizer=algo, library=library, impl=impl, label=label,
+                    status="ok", ms_per_step=ms, cold_ms=cold, ratio_to_anchor=1.0,
+                    floor_fraction=0.5)
+
+    results = [row("adamw", "torch", "fused", "torch fused", 10.0),
+               row("prodigy", "optimkit", "default", "optimkit default", 10.0 * 52 / 28 * 2.0),
+               row("prodigy", "optimkit", "flat+compiled", "optimkit flat+compiled",
+                   10.0 * 52 / 28 * 1.1, cold=4000.0),
+               row("prodigy", "prodigyopt", "default", "prodigyopt", 100.0)]
+    for cold, limit in ((True, 5.0), (False, 1.0)):
+        report = dict(results=results, sets={"transformer": {}},
+                      bytes_per_param={"adamw": 28, "prodigy": 52},
+                      meta={"config": {"cold_compile": cold}})
+        got = {t["target"]: t for t in evaluate_targets(report) if t["optimizer"] == "prodigy"}
+        assert got["default <= 1.6x (52/28) AdamW"]["value"] == pytest.approx(2.0)
+        assert got["default <= 1.6x (52/28) AdamW"]["met"] is False
+        assert got["compiled <= 1.15x (52/28) AdamW"]["value"] == pytest.approx(1.1)
+        assert got["compiled <= 1.15x (52/28) AdamW"]["met"] is True
+        which = "cold" if cold else "warm"
+        t = got[f"compile {which} <= {limit:g} s"]
+        assert t["value"] == pytest.approx(4.0) and t["met"] is (4.0 <= limit)
