@@ -143,3 +143,39 @@ def test_prodigy_compiled_does_not_recompile_as_d_grows():
     with torch._dynamo.config.patch(error_on_recompile=True):
         train(None, net=net, opt=opt, start=3, steps=30)
     assert opt.param_groups[0]["d"] > 1e-6
+
+
+# ----------------------------------------------------------------------------- compile options
+def _axpy(x: torch.Tensor, y: torch.Tensor, hp: torch.Tensor) -> None:
+    y.copy_(y + hp[0] * x)
+
+
+def test_a_failed_compile_retries_with_inductors_defaults(monkeypatch):
+    """optimkit compiles with OPTIONS (the compiler's ISA probe skipped); if a compile with
+    them fails, the kernel recompiles with inductor's defaults, once, and runs correctly.
+    A compiler that does not exist stands in for one that cannot build the SIMD headers."""
+    from optimkit import _compiled
+
+    monkeypatch.setattr(_compiled, "OPTIONS", {**_compiled.OPTIONS,
+                                               "cpp.cxx": (None, "/nonexistent/optimkit-c++")})
+    monkeypatch.setattr(_compiled, "_KERNELS", {})
+    k = _compiled.kernel(_axpy)
+    first = k.call
+    x, y = torch.arange(5.0), torch.ones(5)
+    k(x, y, torch.tensor([2.0]))
+    assert k.call is not first  # the compile with OPTIONS failed and was replaced
+    torch.testing.assert_close(y, 1 + 2 * torch.arange(5.0))
+    assert k.proven and _compiled.kernel(_axpy) is k
+    k(x, y, torch.tensor([1.0]))  # the fallback compiled once; this call only runs it
+    torch.testing.assert_close(y, 1 + 3 * torch.arange(5.0))
+
+
+def test_the_options_do_not_change_the_users_compile_config():
+    """OPTIONS apply while optimkit's kernels compile, not to inductor's global config."""
+    from torch._inductor import config
+
+    before = config.cpp.vec_isa_ok
+    from optimkit import _compiled
+
+    _compiled.kernel(_axpy)(torch.arange(3.0), torch.ones(3), torch.tensor([1.0]))
+    assert config.cpp.vec_isa_ok == before
