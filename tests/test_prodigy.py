@@ -797,6 +797,41 @@ def test_fused_fast_path_probe_overflow_is_rechecked_exactly(monkeypatch):
     _rel_close(pb, pa, 1e-5, "param")
 
 
+@pytest.mark.parametrize("c_s", [1e-8, 3e-7, 1e-3, 1.0, 7.5, 1e-9])
+def test_fused_fast_path_s_update_is_bitwise_the_literal_one(c_s):
+    """Phase 2 of the fast path updates s through the fused SGD kernel's momentum buffer
+    (c_s >= 1e-8; below it the two multi-tensor ops): s' = beta3 s + c_s g as
+    ``s.mul_(beta3).add_(g, alpha=c_s)`` computes it, bitwise in the kernel's vectorised body
+    and within one float32 ulp of the larger operand in its scalar tail (the last < 16
+    elements of a tensor), and
+    p.grad is untouched."""
+    from optimkit.optimizers._prodigy.fused import prodigy_apply_fused
+
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(37,), (300, 7), (1,), (33, 33)]
+    ps = [torch.randn(sh, generator=gen) for sh in shapes]
+    gs = [torch.randn(sh, generator=gen) for sh in shapes]
+    ss = [torch.randn(sh, generator=gen).reshape(-1) * (0 if i == 0 else 1)
+          for i, sh in enumerate(shapes)]
+    ms = [torch.zeros(sh) for sh in shapes]
+    vs = [torch.zeros(sh) for sh in shapes]
+    want = [x.clone().mul_(0.999).add_(g.reshape(-1), alpha=c_s) for x, g in zip(ss, gs)]
+    g_before = [g.clone() for g in gs]
+    s_before = [x.clone() for x in ss]
+    prodigy_apply_fused(ps, gs, ss, ms, vs, slice_p=1, beta3=0.999, c_s=c_s, coupled_wd=0.0,
+                        beta1=0.9, beta2=0.999, d=1e-3, d_new=1e-3, dlr=1e-3, eps=1e-8,
+                        decoupled_wd=0.0, scratch=torch.empty(4096))
+    for got, w, x, g in zip(ss, want, s_before, gs):
+        # one rounding of the larger operand (the result itself can be smaller: cancellation)
+        big = torch.maximum((0.999 * x).abs(), (c_s * g.reshape(-1)).abs())
+        ulp = torch.nextafter(big, torch.tensor(float("inf"))) - big
+        assert ((got - w).abs() <= ulp).all()
+        body = (w.numel() // 16) * 16  # the vectorised part: bitwise
+        assert torch.equal(got[:body], w[:body])
+    for g, g0 in zip(gs, g_before):
+        assert torch.equal(g, g0)
+
+
 # ====================================================================== robustness (issue 11)
 def _snap(opt, params) -> Any:
     """Everything a failed call must leave untouched, for a bitwise comparison: parameters,

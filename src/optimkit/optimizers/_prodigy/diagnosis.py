@@ -137,7 +137,7 @@ class Diagnosis:
                 "(from sd-scripts: --learning_rate 1.0) and tune d_coef instead")
         if tr.gmax < 10 * eps:
             return head + (
-                f"the gradients are tiny (max |gradient| = {tr.gmax:.3g}, eps = {eps:g}): the "
+                f"the gradients are tiny (max |gradient| <= {tr.gmax:.3g}, eps = {eps:g}): the "
                 "Adam step g / (|g| + eps) shrinks to ~|g| / eps, so the parameters barely "
                 "move. Gradients clipped to a tiny norm (clip_grad_norm_ max_norm) or a loss "
                 "scaled near 0? Clip at 1.0 or more, unscale the loss, or lower eps")

@@ -80,11 +80,12 @@ class PathsMixin:
         return True
 
     def _scratch_for(self, p: Tensor) -> Tensor:
-        """Two chunk-sized buffers for phase 1's temporaries (per device and dtype; not state)."""
+        """Three chunk-sized buffers for the fast path's temporaries (per device and dtype;
+        not state): phase 1 uses all three, phase 2 the first two as one."""
         key = (p.device, p.dtype)
         buf = self._scratch.get(key)
         if buf is None:
-            n = 2 * (_CHUNK_BYTES.get(p.device.type, _CHUNK_BYTES_DEFAULT) // 4)
+            n = 3 * (_CHUNK_BYTES.get(p.device.type, _CHUNK_BYTES_DEFAULT) // 4)
             buf = self._scratch[key] = torch.empty(n, dtype=p.dtype, device=p.device)
         return buf
 
@@ -122,7 +123,8 @@ class PathsMixin:
                 **self._s_hp(grp, beta3, d, dlr), beta1=beta1, beta2=beta2, d=d, d_new=d_new,
                 dlr=dlr, eps=float(grp["eps"]),
                 decoupled_wd=float(grp["weight_decay"]) if decouple else 0.0,
-                scratch=self._scratch_for(w.params[0]),
+                scratch=self._scratch_for(w.params[0])[:2 * _CHUNK_BYTES.get(
+                    w.params[0].device.type, _CHUNK_BYTES_DEFAULT) // 4],
             )
             return
         from ..prodigy import prodigy_apply_reference  # the reference lives with the class
