@@ -18,40 +18,23 @@ buffer, so a step that cannot be taken leaves everything exactly as it was.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from ._flatten import FlatBucket, build_buckets, dissolve_warning, tied_params
-from ._impl import Impl, check_impl_flags, resolve_impl, run_serially
+from ._impl import Impl, ImplFacts, check_impl_flags, resolve_impl, run_serially
+from ._statespec import ANY, PARAM_SHAPE, SCALAR, check_state_value
+from ._step import NO_STATE, GroupWork, gather_dense, settings_key
 from ._torch_compat import scalar_dtype, single_threaded
 from ._validation import check_bool
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]]
 
-#: markers used in ``_state_spec``
-PARAM_SHAPE = "param"  # same shape as the parameter
-SCALAR = "scalar"  # one element (step counters)
-ANY = "any"  # no shape constraint
-
-
-@dataclass
-class GroupWork:
-    """Everything one param group's update needs, gathered before any change is made."""
-
-    group: dict[str, Any]
-    params: list[Tensor]
-    grads: list[Tensor]
-    states: list[dict[str, Any]]
-    impl: Impl
-    #: flat buckets stepped as chunks this step (``flat=True``): their chunk tensors follow the
-    #: per-tensor parameters in ``params``/``grads``; with the gradients to copy in first
-    buckets: list[tuple[FlatBucket, list[int]]] = field(default_factory=list)
+__all__ = ["ANY", "PARAM_SHAPE", "SCALAR", "GroupWork", "OptimizerBase", "ParamsT"]
 
 
 class OptimizerBase(torch.optim.Optimizer):
@@ -77,6 +60,9 @@ class OptimizerBase(torch.optim.Optimizer):
     #: every per-parameter state key the class can keep (whatever its options); a state_dict
     #: with others is another optimizer's and is refused. ``None``: not checked.
     _state_keys: ClassVar[frozenset[str] | None] = None
+    #: ``_validate_group`` reads nothing but the group's values: step() then skips groups
+    #: whose settings (``_step.settings_key``) already passed it
+    _pure_validation: ClassVar[bool] = False
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any], *, flat: bool = False,
                  compile: bool = False) -> None:
@@ -131,6 +117,11 @@ class OptimizerBase(torch.optim.Optimizer):
 
     def _update(self, work: GroupWork) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def _keeps_state(self, group: dict[str, Any]) -> bool:
+        """False where this group's update keeps no per-parameter state (SGD without
+        momentum: ``_init_state`` leaves it empty): step() then looks none up."""
+        return True
 
     def _fused_flag(self, group: dict[str, Any]) -> bool | None:
         """The ``fused=`` choice for ``group``: its key, or the optimizer's where torch's class
@@ -261,6 +252,13 @@ class OptimizerBase(torch.optim.Optimizer):
 
     # ----------------------------------------------------------------------------- step
     def _gather(self, gi: int, group: dict[str, Any]) -> GroupWork:
+        if gi not in self._buckets:  # the usual group, read in bulk (None: needs this walk)
+            dense = gather_dense(self, gi, group)
+            if dense is not None:
+                work, facts, sig = dense
+                work.impl = self._pick_impl(gi, group, work.params, work.grads,
+                                            enumerate(group["params"]), facts, sig)
+                return work
         owner = type(self).__name__
         params, grads = [], []
         flat_work, per_tensor = self._plan_buckets(gi, group)
@@ -283,17 +281,26 @@ class OptimizerBase(torch.optim.Optimizer):
         for b, _ in flat_work:
             params.extend(b.chunk_p)
             grads.extend(b.chunk_g)
+        impl = self._pick_impl(gi, group, params, grads, per_tensor)
+        return GroupWork(group, params, grads, [], impl, flat_work)
+
+    def _pick_impl(self, gi: int, group: dict[str, Any], params: list[Tensor],
+                   grads: list[Tensor], per_tensor: Iterable[tuple[int, Tensor]],
+                   facts: ImplFacts | None = None,
+                   sig: tuple[torch.dtype, ...] | None = None) -> Impl:
+        """The implementation for this step of group ``gi`` (``resolve_impl``; ``facts`` about
+        the tensors when the caller has read them; ``sig``: see ``_dtypes_moved``)."""
         fused = self._fused_flag(group)
         has_fused = self._has_fused and self._fused_applies(group)
         if not has_fused:
             fused = None  # no kernel for this group's options: the policy as without one
-        impl = resolve_impl(group.get("foreach"), fused, has_fused, params,
-                            self._fused_broken, owner, grads, self._loop_on_cpu)
+        impl = resolve_impl(group.get("foreach"), fused, has_fused, params, self._fused_broken,
+                            type(self).__name__, grads, self._loop_on_cpu, facts=facts)
         if self._compile:
             impl = "compiled"
-        if self._dtypes_moved(gi, group, per_tensor):
+        if self._dtypes_moved(gi, group, per_tensor, sig):
             impl = "reference"
-        return GroupWork(group, params, grads, [], impl, flat_work)
+        return impl
 
     # ------------------------------------------------------- parameters that changed dtype
     def _state_dtype_of(self, p: Tensor) -> torch.dtype:
@@ -310,7 +317,8 @@ class OptimizerBase(torch.optim.Optimizer):
         return False
 
     def _dtypes_moved(self, gi: int, group: dict[str, Any],
-                      params: list[tuple[int, Tensor]]) -> bool:
+                      params: Iterable[tuple[int, Tensor]],
+                      sig: tuple[torch.dtype, ...] | None = None) -> bool:
         """True when some of ``params`` ((index, parameter) pairs: the group's parameters
         stepped one by one) has state in another dtype than it should (the model was moved to
         another dtype after the optimizer was built): the group then runs the per-tensor
@@ -318,8 +326,10 @@ class OptimizerBase(torch.optim.Optimizer):
         replaces their storage, which dissolves the bucket and puts them in ``params``.
 
         Cheap in the usual case: the full check runs only when the parameters' dtypes differ
-        from the last step's."""
-        sig = tuple(p.dtype for _, p in params)
+        from the last step's. ``sig``: those dtypes, when the caller has read them already."""
+        if sig is None:
+            params = list(params)
+            sig = tuple(p.dtype for _, p in params)
         cache = self.__dict__.setdefault("_dtype_sig", {})
         hit = cache.get(gi)
         if hit is not None and hit[0] == sig:
@@ -427,22 +437,33 @@ class OptimizerBase(torch.optim.Optimizer):
                 loss = closure()
         # Everything that can fail is checked for every group before any state is touched,
         # hyperparameters included: a scheduler or the user may have changed them since.
+        passed = self.__dict__.setdefault("_passed", {}) if self._pure_validation else None
         for gi, g in enumerate(self.param_groups):
+            key = settings_key(g) if passed is not None else None
+            if key is not None and passed.get(gi) == key:
+                continue  # these very settings passed; a stale key only costs a re-check
             try:
                 self._validate_group(g)
             except ValueError as e:
                 raise type(e)(f"{e} (param group {gi}, at step(); nothing was changed)") from None
+            if key is not None:
+                passed[gi] = key
         works = [self._gather(gi, g) for gi, g in enumerate(self.param_groups)]
         for work in works:
             n_plain = len(work.params) - sum(len(b.chunk_p) for b, _ in work.buckets)
-            for p in work.params[:n_plain]:
-                state = self.state.get(p)
-                if not state:
-                    state = {}
-                    self._init_state(work.group, p, state)
-                    if state:  # a stateless optimizer (SGD without momentum) keeps no entry,
-                        self.state[p] = state  # as torch.optim's state_dict has none
-                work.states.append(state)
+            plain = work.params[:n_plain] if work.buckets else work.params
+            if not work.buckets and not self._keeps_state(work.group):
+                work.states = [NO_STATE] * n_plain
+                continue
+            states = list(map(self.state.get, plain))
+            if not all(states):  # some parameter steps for the first time
+                for i, p in enumerate(plain):
+                    if not states[i]:
+                        state = states[i] = {}
+                        self._init_state(work.group, p, state)
+                        if state:  # a stateless optimizer (SGD without momentum) keeps no
+                            self.state[p] = state  # entry, as torch.optim's state_dict has none
+            work.states.extend(states)
             for b, repair in work.buckets:
                 b.repair(repair)
                 if not b.ready:
@@ -616,7 +637,7 @@ class OptimizerBase(torch.optim.Optimizer):
             for key, spec in self._state_spec(group, p).items():
                 if key not in st:
                     raise ValueError(f"{bad}: state of parameter {pid!r} misses key {key!r}")
-                _check_state_value(bad, pid, key, st[key], spec, p)
+                check_state_value(bad, pid, key, st[key], spec, p)
 
 
 def _materialize_params(owner: str, param_group: dict[str, Any]) -> list[Any]:
@@ -649,35 +670,3 @@ def _refuse_unsupported(owner: str, group: dict[str, Any]) -> None:
                 f"{owner}: {flag}=True is not supported by optimkit; use torch.optim.{owner} "
                 "if you need it"
             )
-
-
-def _check_state_value(bad: str, pid: Any, key: str, v: Any, spec: Any, p: Tensor) -> None:
-    if spec == ANY:
-        return
-    if spec == SCALAR:
-        ok = isinstance(v, Tensor) and v.numel() == 1 and not v.is_complex() and v.dtype != torch.bool
-        ok = ok or (isinstance(v, (int, float)) and not isinstance(v, bool))
-        if not ok:
-            raise ValueError(f"{bad}: state[{pid!r}][{key!r}] must be a scalar, got {_describe(v)}")
-        x = float(v)
-        if not (math.isfinite(x) and x >= 0 and x == int(x)):
-            raise ValueError(
-                f"{bad}: state[{pid!r}][{key!r}]={x!r}; a step counter must be a whole number >= 0"
-            )
-        return
-    want = tuple(p.shape) if spec == PARAM_SHAPE else tuple(spec)
-    if not isinstance(v, Tensor) or tuple(v.shape) != want:
-        raise ValueError(
-            f"{bad}: state[{pid!r}][{key!r}] has {_describe(v)}, expected shape {want}"
-        )
-    if p.is_floating_point() and not v.is_floating_point():
-        raise ValueError(
-            f"{bad}: state[{pid!r}][{key!r}] has dtype {v.dtype}; expected a floating-point "
-            f"tensor (the parameter is {p.dtype})"
-        )
-
-
-def _describe(v: Any) -> str:
-    if isinstance(v, Tensor):
-        return f"shape {tuple(v.shape)}"
-    return f"type {type(v).__name__}"

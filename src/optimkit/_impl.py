@@ -69,8 +69,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 import warnings
-from collections.abc import Collection, Iterable, Sequence
-from typing import Literal
+from collections.abc import Callable, Collection, Iterable, Sequence
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -96,6 +96,18 @@ def check_impl_flags(owner: str, foreach: bool | None, fused: bool | None, has_f
         )
 
 
+class ImplFacts(NamedTuple):
+    """What :func:`resolve_impl` needs to know about a group's tensors, for a caller that has
+    read them already (``_step.gather_dense``, in bulk): ``why`` the fused kernel cannot take
+    them ("" if it can); whether torch's fused kernels accept every tensor (``supported``) and
+    whether a per-tensor loop beats foreach on them (``large_cpu``, with ``loop_on_cpu``
+    applied), both asked only when the decision gets that far."""
+
+    why: str
+    supported: Callable[[], bool]
+    large_cpu: Callable[[], bool]
+
+
 def resolve_impl(
     foreach: bool | None,
     fused: bool | None,
@@ -105,6 +117,8 @@ def resolve_impl(
     owner: str = "",
     grads: Sequence[Tensor] = (),
     loop_on_cpu: bool = False,
+    *,
+    facts: ImplFacts | None = None,
 ) -> Impl:
     """Pick the implementation for one param group's tensors.
 
@@ -113,20 +127,26 @@ def resolve_impl(
     foreach with a warning, since silently training wrong is worse than being slower).
     The fused kernels also walk a parameter and its gradient as if they had the same memory
     layout: a gradient assigned by hand with other strides (autograd never produces one) would
-    be read in the wrong order, so such groups run foreach too.
+    be read in the wrong order, so such groups run foreach too. ``facts``: these facts about
+    ``tensors`` and ``grads``, read by the caller (the same decision, without reading them
+    again here).
     """
-    why = ""
-    if fused_broken and any((t.device.type, t.dtype) in fused_broken for t in tensors):
-        why = (f"torch {torch.__version__}'s fused kernel is wrong for "
-               f"{sorted({f'{d}/{str(t)[6:]}' for d, t in fused_broken})} tensors")
-    elif any(g.is_sparse for g in grads):
-        why = "a gradient is sparse (the fused kernels take dense gradients only)"
-    elif any(p.numel() > 1 and p.stride() != g.stride() for p, g in zip(tensors, grads)):
-        why = "a gradient's memory layout (strides) differs from its parameter's"
+    if facts is None:
+        why = ""
+        if fused_broken and any((t.device.type, t.dtype) in fused_broken for t in tensors):
+            why = broken_text(fused_broken)
+        elif any(g.is_sparse for g in grads):
+            why = "a gradient is sparse (the fused kernels take dense gradients only)"
+        elif any(p.numel() > 1 and p.stride() != g.stride() for p, g in zip(tensors, grads)):
+            why = strides_text()
+        facts = ImplFacts(why, lambda: tc.fused_supported(tensors),
+                          lambda: loop_on_cpu and _large_cpu_tensors(tensors))
+    why = facts.why
     if fused:
         if why:
+            # (the frame of OptimizerBase.step's caller, through _pick_impl and _gather)
             warnings.warn(f"{owner}: {why}; using the foreach path instead", RuntimeWarning,
-                          stacklevel=4)
+                          stacklevel=5)
             return "foreach"
         return "fused"
     if foreach is False:
@@ -135,11 +155,20 @@ def resolve_impl(
         return "foreach"
     # Default: torch's fused kernels are single-pass and reach the bandwidth floor on CPU
     # (measured in DESIGN.md); foreach is the multi-pass fallback.
-    if has_fused and fused is None and not why and tc.fused_supported(tensors):
+    if has_fused and fused is None and not why and facts.supported():
         return "fused"
-    if loop_on_cpu and _large_cpu_tensors(tensors):
+    if facts.large_cpu():
         return "reference"
     return "foreach"
+
+
+def broken_text(fused_broken: Collection[tuple[str, torch.dtype]]) -> str:
+    return (f"torch {torch.__version__}'s fused kernel is wrong for "
+            f"{sorted({f'{d}/{str(t)[6:]}' for d, t in fused_broken})} tensors")
+
+
+def strides_text() -> str:
+    return "a gradient's memory layout (strides) differs from its parameter's"
 
 
 #: a step whose CPU tensors all have fewer elements runs on one thread (ATen's GRAIN_SIZE)
@@ -175,6 +204,26 @@ def _large_cpu_tensors(tensors: Sequence[Tensor]) -> bool:
     return sum(t.numel() for t in tensors) >= LOOP_BEATS_FOREACH_NUMEL * len(tensors)
 
 
+def same_dtypes(params: Sequence[Tensor], others: Sequence[Tensor]) -> bool:
+    """Whether ``others[i].dtype == params[i].dtype`` for every i (state buffers against their
+    parameters); one dtype read per buffer when ``params`` is a :class:`OneDeviceDtype`."""
+    if type(params) is OneDeviceDtype:
+        dtype = params.key[1]
+        return all(t.dtype == dtype for t in others)
+    return all(t.dtype == p.dtype for p, t in zip(params, others))
+
+
+class OneDeviceDtype(list):
+    """A list of tensors checked, in this step, to share one (device, dtype): ``key``.
+
+    ``_step.gather_dense`` reads every parameter's device and dtype anyway; handing the
+    answer on this way spares :func:`group_by_device_dtype` reading them again per tensor in
+    every update (a plain list, a slice of this one included, is grouped as before)."""
+
+    __slots__ = ("key",)
+    key: tuple[torch.device, torch.dtype]
+
+
 def group_by_device_dtype(
     *tensor_lists: Sequence[Tensor | None],
 ) -> dict[tuple[torch.device, torch.dtype], tuple[list[list], list[int]]]:
@@ -183,8 +232,13 @@ def group_by_device_dtype(
     Returns ``{(device, dtype): ([list_0, list_1, ...], indices)}`` where ``indices`` are the
     positions in the input lists, so results can be written back.
     """
+    first = tensor_lists[0]
+    if type(first) is OneDeviceDtype:
+        n = len(first)
+        if all(len(src) == n for src in tensor_lists):
+            return {first.key: ([list(src) for src in tensor_lists], list(range(n)))}
     buckets: dict = defaultdict(lambda: ([[] for _ in tensor_lists], []))
-    for i, t in enumerate(tensor_lists[0]):
+    for i, t in enumerate(first):
         lists, idx = buckets[(t.device, t.dtype)]
         for lst, src in zip(lists, tensor_lists):
             lst.append(src[i])

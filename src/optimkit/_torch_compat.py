@@ -8,6 +8,7 @@ renames one breaks exactly one file, and the optimizer modules read as plain mat
 from __future__ import annotations
 
 import contextlib
+import operator
 import types
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -178,12 +179,15 @@ def fused_adam_unit_step(device: torch.device) -> Tensor:
 
 def increment_steps(steps: list[Tensor]) -> None:
     """t <- t + 1 for a list of 0-dim ``step`` counters, in place."""
-    if all(s.is_cpu for s in steps):
+    if all(map(_IS_CPU, steps)):
         # A tensor scalar keeps CPU foreach on its fast overload (a Python 1 is re-wrapped
         # into a tensor once per counter).
         foreach_add_(steps, torch.tensor(1.0), alpha=1.0)
     else:
         foreach_add_(steps, 1.0)
+
+
+_IS_CPU = operator.attrgetter("is_cpu")
 
 
 def scalar_dtype() -> torch.dtype:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from numbers import Real
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -43,18 +44,20 @@ def fail_type(owner: str, name: str, value: Any, expected: str) -> None:
     raise HyperparameterTypeError(_message(owner, name, value, expected))
 
 
-def _as_real(owner: str, name: str, value: Any, expected: str) -> float:
+def _as_real(owner: str, name: str, value: Any, expected: Callable[[], str]) -> float:
     """``value`` as a float (NaN and +-inf included: the range check refuses them, naming the
     range); a number (not a bool) or a 1-element real tensor, else an error naming
-    ``expected``."""
+    ``expected()`` (built only then: step() validates every group at every step)."""
+    if type(value) is float:
+        return value
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:  # torch.optim: ValueError("Tensor lr must be 1-element")
-            fail(owner, name, value, f"a number or a 1-element tensor, {expected}")
+            fail(owner, name, value, f"a number or a 1-element tensor, {expected()}")
         if value.is_complex() or value.dtype == torch.bool:
-            fail_type(owner, name, value, f"a real number, {expected}")
+            fail_type(owner, name, value, f"a real number, {expected()}")
         return float(value.item())
     if isinstance(value, bool) or not isinstance(value, Real):
-        fail_type(owner, name, value, f"a real number, {expected}")
+        fail_type(owner, name, value, f"a real number, {expected()}")
     try:
         return float(value)
     except OverflowError:  # an int beyond float range: its sign decides which side it fails
@@ -77,7 +80,9 @@ def check_range(
     a finite value. NaN is always refused. The error names the range, e.g.
     ``expected 0 <= lr < inf``.
     """
-    expected = range_text(name, lo, hi, lo_open=lo_open, hi_open=hi_open)
+    def expected() -> str:
+        return range_text(name, lo, hi, lo_open=lo_open, hi_open=hi_open)
+
     v = _as_real(owner, name, value, expected)
     ok = not math.isnan(v)
     if lo is not None:
@@ -85,7 +90,7 @@ def check_range(
     if hi is not None:
         ok &= v < hi if hi_open else v <= hi
     if not ok:
-        fail(owner, name, value, expected)
+        fail(owner, name, value, expected())
     return v
 
 

@@ -63,6 +63,7 @@ class Adadelta(OptimizerBase):
     """
 
     _tensor_steps = True
+    _pure_validation = True  # _validate_group reads only the group (step() may skip it)
     _state_keys = frozenset({"step", "square_avg", "acc_delta"})
     _has_compiled = True
 

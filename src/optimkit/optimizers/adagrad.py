@@ -70,6 +70,7 @@ class Adagrad(OptimizerBase):
     """
 
     _tensor_steps = True
+    _pure_validation = True  # _validate_group reads only the group (step() may skip it)
     _state_keys = frozenset({"step", "sum"})
     _has_fused = True
     _supports_sparse = True
@@ -128,7 +129,7 @@ class Adagrad(OptimizerBase):
     def _gather(self, gi: int, group: dict[str, Any]) -> GroupWork:
         work = super()._gather(gi, group)
         # Refused here, while step() is still gathering, so nothing has been touched yet.
-        if group["weight_decay"] != 0:
+        if group["weight_decay"] != 0 and not work.dense:
             for pi, g in enumerate(work.grads):
                 if g.is_sparse:
                     raise RuntimeError(
@@ -147,14 +148,17 @@ class Adagrad(OptimizerBase):
         )
         sums = [s["sum"] for s in work.states]
         steps = [s["step"] for s in work.states]
+        fn = {"reference": adagrad_reference, "foreach": adagrad_foreach,
+              "fused": adagrad_fused}[work.impl]
+        if work.dense:  # (the lists as they are: a copy would lose their OneDeviceDtype note)
+            fn(work.params, work.grads, sums, steps, **hp)
+            return
         dense = [i for i, gr in enumerate(work.grads) if not gr.is_sparse]
         if len(dense) < len(work.grads):
             sparse = [i for i, gr in enumerate(work.grads) if gr.is_sparse]
             adagrad_reference(*_pick(sparse, work.params, work.grads, sums, steps), **hp)
         if not dense:
             return
-        fn = {"reference": adagrad_reference, "foreach": adagrad_foreach,
-              "fused": adagrad_fused}[work.impl]
         fn(*_pick(dense, work.params, work.grads, sums, steps), **hp)
 
 

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from .. import _torch_compat as tc
 from .._base import PARAM_SHAPE, SCALAR, GroupWork, OptimizerBase, ParamsT, _materialize_params
-from .._impl import _large_cpu_tensors, group_by_device_dtype
+from .._impl import _large_cpu_tensors, group_by_device_dtype, same_dtypes
 from .._rounding import LowPrecisionStateMixin, chunk_budget, chunks, compute_dtype
 from .._validation import check_betas, check_bool, check_eps, check_finite_nonnegative
 
@@ -89,6 +89,7 @@ class Adam(LowPrecisionStateMixin, OptimizerBase):
     _tensor_steps = True
     _state_keys = frozenset({"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"})
     _has_fused = True
+    _pure_validation = True  # _validate_group reads only the group (step() may skip it)
 
     def __init__(
         self,
@@ -161,7 +162,8 @@ class Adam(LowPrecisionStateMixin, OptimizerBase):
 
     def _gather(self, gi: int, group: dict[str, Any]) -> GroupWork:
         work = super()._gather(gi, group)
-        if work.impl == "fused" and any(self._state_dtype_of(p) != p.dtype for p in work.params):
+        if (work.impl == "fused" and self._state_dtype is not None
+                and any(self._state_dtype_of(p) != p.dtype for p in work.params)):
             # torch's fused kernel takes one dtype for parameters and state: the default policy
             # falls back as it does without a fused kernel (fused=True was refused earlier).
             work.impl = "reference" if _large_cpu_tensors(work.params) else "foreach"
@@ -197,12 +199,12 @@ class Adam(LowPrecisionStateMixin, OptimizerBase):
                     s["max_exp_avg_sq"] = torch.zeros_like(s["exp_avg_sq"])
             maxes = [s["max_exp_avg_sq"] for s in work.states]
         fn = {"reference": adam_reference, "foreach": adam_foreach, "fused": adam_fused}[work.impl]
-        if any(s["exp_avg"].dtype != p.dtype for p, s in zip(work.params, work.states)):
+        exp_avgs = [s["exp_avg"] for s in work.states]
+        if not same_dtypes(work.params, exp_avgs):
             self._update_upcast(work, fn, hp)
             return
         fn(
-            work.params, work.grads,
-            [s["exp_avg"] for s in work.states], [s["exp_avg_sq"] for s in work.states],
+            work.params, work.grads, exp_avgs, [s["exp_avg_sq"] for s in work.states],
             maxes, [s["step"] for s in work.states], **hp,
         )
 
@@ -422,7 +424,7 @@ def adam_fused(
         ps, gs, ms, vs, ss = blists[:5]
         vmax = blists[5] if amsgrad else []
         if device.type == "cpu":
-            advance_steps(ss)
+            tc.increment_steps(ss)
             kernel_steps = ss  # the CPU kernel reads each counter on the host
         else:
             # The device kernel reads float32 counters on the device; ours stay on the CPU

@@ -87,6 +87,7 @@ class RAdam(OptimizerBase):
     """
 
     _tensor_steps = True
+    _pure_validation = True  # _validate_group reads only the group (step() may skip it)
     _state_keys = frozenset({"step", "exp_avg", "exp_avg_sq"})
     _has_fused = True
     _fused_in_group = False  # torch.optim's class has no "fused" group key

@@ -92,6 +92,7 @@ class RMSprop(OptimizerBase):
     """
 
     _tensor_steps = True
+    _pure_validation = True  # _validate_group reads only the group (step() may skip it)
     _state_keys = frozenset({"step", "square_avg", "momentum_buffer", "grad_avg"})
     _has_fused = True
     _fused_in_group = False  # torch.optim's class has no "fused" group key

@@ -25,6 +25,7 @@ from torch import Tensor
 from .. import _torch_compat as tc
 from .._base import PARAM_SHAPE, GroupWork, OptimizerBase, ParamsT
 from .._impl import group_by_device_dtype
+from .._step import IS_NONE
 from .._validation import check_bool, check_finite_nonnegative, check_range
 
 
@@ -54,6 +55,7 @@ class SGD(OptimizerBase):
     """
 
     _has_fused = True
+    _pure_validation = True  # _validate_group reads only the group (step() may skip it)
     _state_keys = frozenset({"momentum_buffer"})
     _supports_sparse = True  # as torch.optim.SGD (the per-tensor reference runs them)
     # torch 2.12/2.13's CPU fused SGD kernel skips the update of every full SIMD block of a
@@ -108,9 +110,12 @@ class SGD(OptimizerBase):
     def _state_spec(self, group: dict[str, Any], p: Tensor) -> dict[str, Any]:
         return {"momentum_buffer": PARAM_SHAPE} if group["momentum"] != 0 else {}
 
+    def _keeps_state(self, group: dict[str, Any]) -> bool:
+        return group["momentum"] != 0
+
     def _gather(self, gi: int, group: dict[str, Any]) -> GroupWork:
         work = super()._gather(gi, group)
-        if any(g.is_sparse for g in work.grads):
+        if not work.dense and any(g.is_sparse for g in work.grads):
             # As torch.optim.SGD: sparse gradients (nn.Embedding(sparse=True)) run the per-tensor
             # loop, which adds them into the parameter and the momentum buffer sparsely.
             # Refused here, before any write, where torch fails part-way through the step.
@@ -136,8 +141,10 @@ class SGD(OptimizerBase):
         use_buf = g["momentum"] != 0
         bufs = [s.get("momentum_buffer") for s in work.states] if use_buf else None
         fn = {"reference": sgd_reference, "foreach": sgd_foreach, "fused": sgd_fused}[work.impl]
+        # the paths replace only the None entries (new buffers); the others are updated in place
+        new = use_buf and any(map(IS_NONE, bufs))
         fn(work.params, work.grads, bufs, **hp)
-        if use_buf:
+        if new:
             for s, b in zip(work.states, bufs):
                 s["momentum_buffer"] = b
 

@@ -1,0 +1,47 @@
+"""The state shapes a subclass declares in ``_state_spec``, and the check of one loaded state
+value against them (``OptimizerBase._check_state_dict``)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+#: markers used in ``_state_spec``
+PARAM_SHAPE = "param"  # same shape as the parameter
+SCALAR = "scalar"  # one element (step counters)
+ANY = "any"  # no shape constraint
+
+
+def check_state_value(bad: str, pid: Any, key: str, v: Any, spec: Any, p: Tensor) -> None:
+    if spec == ANY:
+        return
+    if spec == SCALAR:
+        ok = isinstance(v, Tensor) and v.numel() == 1 and not v.is_complex() and v.dtype != torch.bool
+        ok = ok or (isinstance(v, (int, float)) and not isinstance(v, bool))
+        if not ok:
+            raise ValueError(f"{bad}: state[{pid!r}][{key!r}] must be a scalar, got {_describe(v)}")
+        x = float(v)
+        if not (math.isfinite(x) and x >= 0 and x == int(x)):
+            raise ValueError(
+                f"{bad}: state[{pid!r}][{key!r}]={x!r}; a step counter must be a whole number >= 0"
+            )
+        return
+    want = tuple(p.shape) if spec == PARAM_SHAPE else tuple(spec)
+    if not isinstance(v, Tensor) or tuple(v.shape) != want:
+        raise ValueError(
+            f"{bad}: state[{pid!r}][{key!r}] has {_describe(v)}, expected shape {want}"
+        )
+    if p.is_floating_point() and not v.is_floating_point():
+        raise ValueError(
+            f"{bad}: state[{pid!r}][{key!r}] has dtype {v.dtype}; expected a floating-point "
+            f"tensor (the parameter is {p.dtype})"
+        )
+
+
+def _describe(v: Any) -> str:
+    if isinstance(v, Tensor):
+        return f"shape {tuple(v.shape)}"
+    return f"type {type(v).__name__}"
