@@ -81,8 +81,8 @@ def prodigy_stats_fast(
         if any(p0[i].dim() == 0 for i in small):  # a zero p0 kept as a 0-dim placeholder
             flush_foreach()
             return
-        gg = torch.cat([grads[i].view(-1)[::slice_p] for i in small], out=buf_a[:n])
-        pp = torch.cat([params[i].view(-1)[::slice_p] for i in small], out=buf_b[:n])
+        gg = torch.cat([_sl(grads[i], slice_p) for i in small], out=buf_a[:n])
+        pp = torch.cat([_sl(params[i], slice_p) for i in small], out=buf_b[:n])
         if slice_p == 1:  # ||g_run||_2 >= max |g| (a bound is all the checks need)
             sqs.append(torch.dot(gg, gg))
         if coupled_wd != 0:
@@ -195,13 +195,11 @@ def prodigy_apply_fused(
     inv_d = torch.tensor(1.0 / d, dtype=torch.float32, device=dev)
     step = tc.fused_adam_unit_step(dev)
     for piece in _pieces([p.numel() for p in params], scratch.numel()):
-        ps = [params[i].view(-1)[a:b] for i, a, b in piece]
-        gs = [grads[i].view(-1)[a:b] for i, a, b in piece]
-        gk, off = [], 0
-        for g in gs:
-            gk.append(scratch[off:off + g.numel()])
-            off += g.numel()
-        tc.foreach_copy_(gk, gs)
+        ps = [_flat(params[i], a, b) for i, a, b in piece]
+        gs = [_flat(grads[i], a, b) for i, a, b in piece]
+        sizes = [b - a for _, a, b in piece]
+        # one copy op for the piece (a multi-tensor copy is a per-tensor loop on CPU)
+        gk = list(torch.cat(gs, out=scratch[:sum(sizes)]).split(sizes))
         # s covers elements 0, slice_p, 2 slice_p, ... of each tensor: those inside [a, b)
         firsts = [-(-a // slice_p) * slice_p for _, a, _ in piece]
         ss = [s[i][f // slice_p:-(-b // slice_p)] for (i, _, b), f in zip(piece, firsts)]
@@ -211,8 +209,9 @@ def prodigy_apply_fused(
             # two multi-tensor ops below are two per-tensor loops on CPU. lr = 0 leaves its
             # "parameter" (our gradient copy) as it is: s' is finite (phase 1 checked
             # ||s'||_1), so lr * buf is 0. Equal to the two ops bitwise in the kernel's
-            # vectorised body and within one ulp of the larger operand in its scalar tail (tested), also for c_s
-            # near the guard, where 1 - (1 - c_s) in double is exact to ~1e-8 of c_s.
+            # vectorised body and within one ulp of the larger operand in its scalar tail
+            # (tested), also for c_s near the guard, where 1 - (1 - c_s) in double is exact
+            # to ~1e-8 of c_s.
             tc.fused_sgd_(gk, gk, ss, weight_decay=0.0, momentum=beta3, lr=0.0,
                           dampening=1.0 - c_s, nesterov=False, maximize=False,
                           is_first_step=False)
@@ -230,11 +229,22 @@ def prodigy_apply_fused(
             # every element: a bias in p - p0 that moved d by 0.5% in 30 steps. Adding
             # -dlr*wd*theta rounds once per element, as the foreach path does.
             tc.foreach_add_(ps, ps, alpha=-decoupled_wd * dlr)
-        tc.fused_adam_(ps, gk, [exp_avgs[i].view(-1)[a:b] for i, a, b in piece],
-                       [exp_avg_sqs[i].view(-1)[a:b] for i, a, b in piece], [],
+        tc.fused_adam_(ps, gk, [_flat(exp_avgs[i], a, b) for i, a, b in piece],
+                       [_flat(exp_avg_sqs[i], a, b) for i, a, b in piece], [],
                        [step] * len(piece), amsgrad=False, lr=dlr, beta1=beta1, beta2=beta2,
                        weight_decay=coupled_wd * d, eps=d_new * eps, maximize=False,
                        grad_scale=inv_d, found_inf=None)
+
+
+def _sl(t: Tensor, slice_p: int) -> Tensor:
+    """Every ``slice_p``-th element of ``t``, 1-D."""
+    return t.view(-1) if slice_p == 1 else t.view(-1)[::slice_p]
+
+
+def _flat(t: Tensor, a: int, b: int) -> Tensor:
+    """Elements ``[a, b)`` of ``t`` as a 1-D view (no slice op for the whole tensor)."""
+    v = t.view(-1)
+    return v if a == 0 and b == v.numel() else v[a:b]
 
 
 def _pieces(numels: list[int], cap: int) -> list[list[tuple[int, int, int]]]:
