@@ -179,3 +179,24 @@ def test_the_options_do_not_change_the_users_compile_config():
 
     _compiled.kernel(_axpy)(torch.arange(3.0), torch.ones(3), torch.tensor([1.0]))
     assert config.cpp.vec_isa_ok == before
+
+
+def test_parameter_shapes_do_not_recompile():
+    """The kernels see detached 1-D aliases with no view base, so a parameter's shape (or
+    dimensionality) is not part of the compiled graph's guards: new shapes reuse it. Float64:
+    inductor's float32 sums also specialise on size > 4096 (a second graph, by design)."""
+    def run(shapes, flat):
+        for make in (lambda ps: optimkit.Prodigy(ps, lr=1.0, compile=True, flat=flat),
+                     lambda ps: optimkit.RMSprop(ps, lr=1e-3, momentum=0.9, compile=True,
+                                                 flat=flat)):
+            torch.manual_seed(0)
+            ps = [torch.nn.Parameter(torch.randn(s, dtype=torch.float64)) for s in shapes]
+            for p in ps:
+                p.grad = torch.randn_like(p)
+            make(ps).step()
+
+    torch._dynamo.reset()  # this test's first call compiles, whatever ran before it
+    run([(30,)], False)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        run([(7, 11, 13), (300,), (2, 5), (64, 3)], False)
+        run([(9, 9), (17,)], True)
