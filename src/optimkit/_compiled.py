@@ -16,9 +16,19 @@ How:
   scheduled ``lr`` does not recompile; only structural flags (``maximize``, centered, ...)
   are Python values, at most a few variants.
 
-Not the default: the first step compiles (measured on this 2-core machine: ~9 s cold, ~4.6 s
-with a warm inductor cache, against the issue's 10 s / 1 s budget), and it needs a C++
-compiler on CPU. Use it with ``flat=True`` for long runs where step time matters.
+Not the default: the first step compiles, and it needs a C++ compiler on CPU. Use it with
+``flat=True`` for long runs where step time matters. What the first step costs (Prodigy,
+``flat=True``, the 25M-parameter transformer set: two graphs, phase 1 and phase 2), where
+the time goes, and what was cut, measured on this 2-core machine while two other sessions
+ran benchmarks (load average 2.8-6): docs/flat.md, "What the first step costs". In short,
+median first step, before -> after: cold (empty ``TORCHINDUCTOR_CACHE_DIR``) 22.4 -> 15.4 s wall (CPU 15.0 -> 9.8 s), warm
+(a second process) 7.3 -> 6.5 s (CPU 4.5 -> 4.1 s). The issue's targets (5 s cold, 1 s warm) are not met: importing
+dynamo and inductor, tracing and the cache lookups alone exceed 1 s, and each kernel's
+``g++`` run takes 2-4 s even with inductor's precompiled header.
+
+Cuts (both measured, both keep the generated code): :data:`OPTIONS` skips inductor's
+compiler ISA probe; :func:`flat1d` passes 1-D aliases with no view base, so a parameter's
+shape is not a guard and does not compile a graph of its own.
 """
 
 from __future__ import annotations
