@@ -42,8 +42,8 @@ from torch import Tensor
 #: Inductor options for optimkit's kernels (applied only while they compile; the user's own
 #: ``torch.compile`` calls keep theirs). ``cpp.vec_isa_ok``: inductor normally proves that
 #: the compiler can build its SIMD headers by compiling a test program with them (no
-#: precompiled header) and ``dlopen``-ing it in a child Python: measured 4.3 s of a 13 s
-#: first compile, and 0.7 s of every later process's first step (the child). The CPU's own
+#: precompiled header) and ``dlopen``-ing it in a child Python: measured 4.8 s of an 18.5 s
+#: cold first step, and 0.7 s of every later process's first step. The CPU's own
 #: ISA flags (/proc/cpuinfo) are still checked; only the compiler probe is skipped, and a
 #: compiler that cannot build the chosen ISA fails the compile, which :class:`_Kernel`
 #: retries with the probe.
