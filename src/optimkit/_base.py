@@ -29,7 +29,7 @@ from ._flatten import FlatBucket, build_buckets, dissolve_warning, tied_params
 from ._impl import Impl, ImplFacts, check_impl_flags, resolve_impl, run_serially
 from ._statespec import ANY, PARAM_SHAPE, SCALAR, check_state_value
 from ._step import NO_STATE, GroupWork, gather_dense, settings_key
-from ._torch_compat import scalar_dtype, single_threaded
+from ._torch_compat import scalar_dtype
 from ._validation import check_bool
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]]
@@ -469,17 +469,20 @@ class OptimizerBase(torch.optim.Optimizer):
                 if not b.ready:
                     b.init_state(self, work.group)
                 work.states.extend(b.chunk_states)
+        # one thread: no parallel region per small tensor (_impl; as single_threaded(), inline)
+        threads = torch.get_num_threads() if self._serial_step(works) else 1
         try:
-            if self._serial_step(works):
-                with single_threaded():  # no parallel region per small tensor (_impl)
-                    self._apply(works)
-            else:
-                self._apply(works)
+            if threads != 1:
+                torch.set_num_threads(1)
+            self._apply(works)
         finally:
-            for work in works:
-                for b, _ in work.buckets:
-                    b.after_step(self, work.group)
-            self._note_unsynced(works)
+            if threads != 1:
+                torch.set_num_threads(threads)
+            if self._buckets:
+                for work in works:
+                    for b, _ in work.buckets:
+                        b.after_step(self, work.group)
+                self._note_unsynced(works)
         return loss
 
     def _serial_step(self, works: list[GroupWork]) -> bool:

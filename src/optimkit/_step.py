@@ -14,11 +14,11 @@ tensors (measured on the 2000-tensor ``small`` set: ~10 us of Python per tensor 
   re-running the range checks of a group whose snapshot equals one that already passed them.
 * :func:`gather_dense`: one group's parameters and gradients with every per-tensor fact the
   implementation choice needs (gradient shapes and strides against the parameters', dtype,
-  device, tensor type), read through ``map`` over C-level getters instead of per-tensor
-  Python code. It handles the usual group (dense gradients, one device and dtype); anything
-  else returns ``None`` and the general walk in ``OptimizerBase._gather`` runs, which raises
-  the errors and makes the choices it always made. Both decide through ``_impl.resolve_impl``,
-  this one handing it the facts it read (``ImplFacts``).
+  device, tensor type), read in one tight loop that keeps nothing but the answers. It
+  handles the usual group (dense gradients, one device and dtype); anything else returns
+  ``None`` and the general walk in ``OptimizerBase._gather`` runs, which raises the errors
+  and makes the choices it always made. Both decide through ``_impl.resolve_impl``, this one
+  handing it the facts it read (``ImplFacts``).
 """
 
 from __future__ import annotations
@@ -26,8 +26,7 @@ from __future__ import annotations
 import types
 from dataclasses import dataclass, field
 from functools import partial
-from itertools import compress
-from operator import attrgetter, is_, is_not
+from operator import is_
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -79,11 +78,11 @@ def settings_key(group: dict[str, Any]) -> tuple[Any, ...] | None:
     refused and an int one is not."""
     key = []
     for k, v in group.items():
-        if k == "params" or k == "param_names":
-            continue
         t = type(v)
         if t in _PLAIN:
             key.append((k, t, v))
+        elif k == "params" or k == "param_names":
+            continue
         elif t is tuple or t is list:
             items = tuple((type(x), x) for x in v)
             if not all(tx in _PLAIN for tx, _ in items):
@@ -94,12 +93,6 @@ def settings_key(group: dict[str, Any]) -> tuple[Any, ...] | None:
     return tuple(key)
 
 
-_GRAD = attrgetter("grad")
-_DTYPE = attrgetter("dtype")
-_DEVICE = attrgetter("device")
-_IS_CPU = attrgetter("is_cpu")
-_IS_SPARSE = attrgetter("is_sparse")
-_HAS = partial(is_not, None)  # _HAS(g): g is not None
 IS_NONE = partial(is_, None)
 _EXACT = frozenset({Tensor, torch.nn.Parameter})
 _CPU = torch.device("cpu")
@@ -114,45 +107,53 @@ def gather_dense(
     ``None`` (the general walk then runs, and raises where a gradient is unusable). Changes
     nothing.
 
-    The decisions are the general walk's, from the same facts read in bulk: sparse gradients
+    The decisions are the general walk's, from the same facts: sparse gradients
     and gradient shapes that differ send the group to the general walk (which handles or
     refuses them), strides, the one (device, dtype) pair
     (torch's known-broken fused kernels, fused support, the dtype signature of
     ``_dtypes_moved``) and the tensor types (fused support). Under torch.compile the general
-    walk runs (these bulk reads are not traced)."""
+    walk runs (what dynamo traces is kept as it was)."""
     if torch.compiler.is_compiling():
         return None
     params = group["params"]
-    dtypes = tuple(map(_DTYPE, params))
-    if len(set(dtypes)) != 1:  # also: no parameters at all
+    if not params:
         return None
-    grads = list(map(_GRAD, params))
-    has = list(map(_HAS, grads))
-    ps = OneDeviceDtype(compress(params, has) if not all(has) else params)
-    if not ps:
-        return None
-    if len(ps) < len(grads):
-        grads = list(compress(grads, has))
-    # Exact types only: then Tensor.size / Tensor.stride are what g.shape / g.stride() call
-    # (no Python override in between), read without a bound method per tensor.
-    if not (set(map(type, ps)) <= _EXACT and set(map(type, grads)) <= _EXACT):
-        return None
-    if any(map(_IS_SPARSE, grads)):
-        return None
+    dtype = params[0].dtype
+    ps, grads = OneDeviceDtype(), []
+    same_strides = cpu = True
+    exact = _EXACT
+    # One Python loop: measured faster than a map() per fact, on 6 tensors and on 2000 (the
+    # torch.Size and stride tuples are freed as soon as they are compared).
     try:
-        if list(map(Tensor.size, grads)) != list(map(Tensor.size, ps)):
-            return None
-        same_strides = list(map(Tensor.stride, grads)) == list(map(Tensor.stride, ps))
+        for p in params:
+            if p.dtype is not dtype:  # (dtypes are singletons)
+                return None
+            g = p.grad
+            if g is None:
+                continue
+            # exact types: no Python override of shape/stride()/is_sparse in between
+            if type(p) not in exact or type(g) not in exact or g.is_sparse or p.is_sparse:
+                return None
+            if g.shape != p.shape:
+                return None
+            if same_strides and g.stride() != p.stride():
+                same_strides = False
+            if cpu and not p.is_cpu:
+                cpu = False
+            ps.append(p)
+            grads.append(g)
     except RuntimeError:  # a tensor without strides (sparse CSR, ...)
         return None
-    if all(map(_IS_CPU, ps)):
+    if not ps:
+        return None
+    if cpu:
         device = _CPU
     else:
-        devices = set(map(_DEVICE, ps))
+        devices = {p.device for p in ps}
         if len(devices) != 1:
             return None
         device = devices.pop()
-    dtype = dtypes[0]
+    dtypes = (dtype,) * len(params)
     ps.key = (device, dtype)
 
     why = ""
@@ -164,8 +165,8 @@ def gather_dense(
         why = strides_text()
 
     def supported() -> bool:  # tc.fused_supported(ps), from the facts read above
-        return (dtype in tc.FUSED_DTYPES and device.type in tc.FUSED_DEVICE_TYPES
-                and not any(map(_IS_SPARSE, ps)))  # (the types are exact, checked above)
+        # (exact types, none sparse: checked above)
+        return dtype in tc.FUSED_DTYPES and device.type in tc.FUSED_DEVICE_TYPES
 
     def large_cpu() -> bool:  # opt._loop_on_cpu and _impl._large_cpu_tensors(ps)
         return (opt._loop_on_cpu and device.type == "cpu"

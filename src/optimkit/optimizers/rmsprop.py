@@ -184,7 +184,7 @@ class RMSprop(OptimizerBase):
             weight_decay=float(g["weight_decay"]), momentum=g["momentum"], maximize=g["maximize"],
         )
         use_buf, centered = g["momentum"] > 0, g["centered"]
-        for s, p in zip(work.states, work.params):
+        for s, p in zip(work.states, work.params) if use_buf or centered else ():
             # momentum / centered switched on after this parameter's state was created: start
             # the new buffer from zero, as a fresh state would.
             if use_buf and "momentum_buffer" not in s:
