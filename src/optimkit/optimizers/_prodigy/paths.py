@@ -38,7 +38,8 @@ class PathsMixin:
             return prodigy_stats_fast(
                 w.params, w.grads, [st["s"] for st in w.states],
                 [st["p0"] for st in w.states], **self._s_hp(grp, beta3, d, dlr),
-                scratch=self._scratch_for(w.params[0]))
+                scratch=self._scratch_for(w.params[0]),
+                exact_probe=self._dist_mode() not in ("local", "replicated"))
         fn = prodigy_stats_reference if w.impl == "reference" else prodigy_stats_foreach
         sp = grp["slice_p"]
         return fn(
