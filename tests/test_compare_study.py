@@ -44,7 +44,10 @@ def make_blobs(sleep_s: float = 0.0) -> Task:
 
 
 def make_slow_blobs() -> Task:
-    return make_blobs(sleep_s=0.008)
+    # ~0.5 s a trial, ~10 s for the interrupted run's 20: the Ctrl-C must land mid-run even
+    # when the parent's journal polls are slow (at 8 ms a step a fresh CI machine once
+    # finished all 20 trials before the signal arrived)
+    return make_blobs(sleep_s=0.025)
 
 
 class _Exploding(nn.Module):
@@ -134,6 +137,7 @@ def test_interrupted_run_resumes_without_rerunning(tmp_path):
     deadline = time.monotonic() + 120
     while _count_complete(journal) < 4 and time.monotonic() < deadline and p.is_alive():
         time.sleep(0.05)
+    assert p.is_alive(), "the run ended before it could be interrupted: make the task slower"
     os.kill(p.pid, signal.SIGINT)  # Ctrl-C
     p.join(timeout=60)
     assert p.exitcode == 130
@@ -151,7 +155,8 @@ def test_interrupted_run_resumes_without_rerunning(tmp_path):
     # at most the one trial running at Ctrl-C was lost (and rerun)
     assert sum(1 for t in study.get_trials(deepcopy=False) if t.state.name != "COMPLETE") <= 1
     resumed = result_from_storage(str(journal))  # the report is rebuilt from the storage alone
-    fresh = run_compare([make_slow_blobs()], [parse_optimizer_choice(s) for s in ("sgd", "adam")], steps=20, seeds=2,
+    # the same task without the sleep (it changes timings only, which _strip drops)
+    fresh = run_compare([make_blobs()], [parse_optimizer_choice(s) for s in ("sgd", "adam")], steps=20, seeds=2,
                         budget=4, jobs=1)
     a, b = _strip(resumed), _strip(fresh)
     a.pop("config"), b.pop("config")
