@@ -90,6 +90,11 @@ class PathsMixin:
             buf = self._scratch[key] = torch.empty(n, dtype=p.dtype, device=p.device)
         return buf
 
+    def _phase2_scratch(self, p: Tensor) -> Tensor:
+        """Phase 2's scratch: the first two of :meth:`_scratch_for`'s three buffers."""
+        buf = self._scratch_for(p)
+        return buf[:2 * (buf.numel() // 3)]
+
     def _compiled_applies(self, w: GroupWork) -> bool:
         """``compile=True`` runs this group compiled: slice_p 1 (the kernels take whole
         tensors), and every tensor plain, contiguous, with state in its own dtype."""
@@ -124,8 +129,7 @@ class PathsMixin:
                 **self._s_hp(grp, beta3, d, dlr), beta1=beta1, beta2=beta2, d=d, d_new=d_new,
                 dlr=dlr, eps=float(grp["eps"]),
                 decoupled_wd=float(grp["weight_decay"]) if decouple else 0.0,
-                scratch=self._scratch_for(w.params[0])[:2 * _CHUNK_BYTES.get(
-                    w.params[0].device.type, _CHUNK_BYTES_DEFAULT) // 4],
+                scratch=self._phase2_scratch(w.params[0]),
             )
             return
         from ..prodigy import prodigy_apply_reference  # the reference lives with the class
