@@ -27,10 +27,10 @@ from torch import Tensor
 
 from ._flatten import FlatBucket, build_buckets, dissolve_warning, tied_params
 from ._impl import Impl, ImplFacts, check_impl_flags, resolve_impl, run_serially
-from ._statespec import ANY, PARAM_SHAPE, SCALAR, check_state_value
+from ._statespec import ANY, PARAM_SHAPE, SCALAR, check_state_shapes, check_state_value
 from ._step import NO_STATE, GroupWork, gather_dense, settings_key
 from ._torch_compat import scalar_dtype
-from ._validation import check_bool
+from ._validation import check_bool, check_fits_dtypes
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]]
 
@@ -63,6 +63,9 @@ class OptimizerBase(torch.optim.Optimizer):
     #: ``_validate_group`` reads nothing but the group's values: step() then skips groups
     #: whose settings (``_step.settings_key``) already passed it
     _pure_validation: ClassVar[bool] = False
+    #: hyperparameters the update hands to torch as scalars in the parameters' dtype: each
+    #: must fit it (``_validation.check_fits_dtypes``, checked with the parameters at hand)
+    _dtype_bounded: ClassVar[tuple[str, ...]] = ("lr", "weight_decay")
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any], *, flat: bool = False,
                  compile: bool = False) -> None:
@@ -164,6 +167,7 @@ class OptimizerBase(torch.optim.Optimizer):
             )
         _refuse_unsupported(owner, merged)
         self._validate_group(merged)
+        check_fits_dtypes(owner, merged, self._dtype_bounded, plist)
         self._check_param_list(plist)
         with warnings.catch_warnings():
             # torch's own duplicate warning (ours, naming the optimizer, was just issued)
@@ -260,12 +264,26 @@ class OptimizerBase(torch.optim.Optimizer):
                                             enumerate(group["params"]), facts, sig)
                 return work
         owner = type(self).__name__
-        params, grads = [], []
+        params, grads, shapes = [], [], []
+        mixed = False  # a gradient in another dtype than its parameter
         flat_work, per_tensor = self._plan_buckets(gi, group)
         for pi, p in per_tensor:
             g = p.grad
             if g is None:
                 continue
+            if g.dtype != p.dtype:
+                # torch >= 2.10's p.grad_dtype (e.g. float32 gradients of bfloat16 weights):
+                # torch.optim's per-tensor loop steps it where its in-place ops promote across
+                # dtypes, and so does our reference; elsewhere torch fails part-way
+                if not (g.is_floating_point() and self._mixed_dtype_ok(group)):
+                    raise RuntimeError(
+                        f"{owner}: gradient dtype {g.dtype} does not match parameter dtype "
+                        f"{p.dtype} (param group {gi}, parameter {pi}, shape {tuple(p.shape)}); "
+                        f"nothing was changed. torch.optim's {owner} cannot step it either (its "
+                        "state is kept in the parameter's dtype); cast the gradient with "
+                        "p.grad = p.grad.to(p.dtype), or use optimkit.Prodigy (computes in "
+                        "float32)")
+                mixed = True
             if g.is_sparse and not self._supports_sparse:
                 raise RuntimeError(
                     f"{owner} does not support sparse gradients (param group {gi}, parameter {pi}, "
@@ -278,11 +296,12 @@ class OptimizerBase(torch.optim.Optimizer):
                 )
             params.append(p)
             grads.append(g)
+            shapes.append(p.shape)
         for b, _ in flat_work:
             params.extend(b.chunk_p)
             grads.extend(b.chunk_g)
-        impl = self._pick_impl(gi, group, params, grads, per_tensor)
-        return GroupWork(group, params, grads, [], impl, flat_work)
+        impl = "reference" if mixed else self._pick_impl(gi, group, params, grads, per_tensor)
+        return GroupWork(group, params, grads, [], impl, flat_work, shapes=shapes)
 
     def _pick_impl(self, gi: int, group: dict[str, Any], params: list[Tensor],
                    grads: list[Tensor], per_tensor: Iterable[tuple[int, Tensor]],
@@ -440,16 +459,20 @@ class OptimizerBase(torch.optim.Optimizer):
         passed = self.__dict__.setdefault("_passed", {}) if self._pure_validation else None
         for gi, g in enumerate(self.param_groups):
             key = settings_key(g) if passed is not None else None
-            if key is not None and passed.get(gi) == key:
-                continue  # these very settings passed; a stale key only costs a re-check
             try:
-                self._validate_group(g)
+                # a key equal to one that passed: these very settings passed (a stale key
+                # only costs a re-check)
+                if key is None or passed.get(gi) != key:
+                    self._validate_group(g)
+                # every step: the parameters' dtypes may have changed since (model.half())
+                check_fits_dtypes(type(self).__name__, g, self._dtype_bounded, g["params"])
             except ValueError as e:
                 raise type(e)(f"{e} (param group {gi}, at step(); nothing was changed)") from None
             if key is not None:
                 passed[gi] = key
         works = [self._gather(gi, g) for gi, g in enumerate(self.param_groups)]
-        for work in works:
+        seen = self.__dict__.setdefault("_shapes_seen", {})
+        for gi, work in enumerate(works):
             n_plain = len(work.params) - sum(len(b.chunk_p) for b, _ in work.buckets)
             plain = work.params[:n_plain] if work.buckets else work.params
             if not work.buckets and not self._keeps_state(work.group):
@@ -463,6 +486,9 @@ class OptimizerBase(torch.optim.Optimizer):
                         self._init_state(work.group, p, state)
                         if state:  # a stateless optimizer (SGD without momentum) keeps no
                             self.state[p] = state  # entry, as torch.optim's state_dict has none
+            if seen.get(gi) != work.shapes:  # a parameter's data replaced by another shape?
+                check_state_shapes(self, gi, work.group, plain, states)
+                seen[gi] = work.shapes
             work.states.extend(states)
             for b, repair in work.buckets:
                 b.repair(repair)
@@ -618,6 +644,7 @@ class OptimizerBase(torch.optim.Optimizer):
                 check_impl_flags(owner, merged.get("foreach"), merged.get("fused"), self._has_fused)
                 _refuse_unsupported(owner, merged)
                 self._validate_group(merged)
+                check_fits_dtypes(owner, merged, self._dtype_bounded, mine["params"])
             except ValueError as e:
                 raise ValueError(f"{bad}: param group {gi}: {e}") from None
             for pid, p in zip(saved["params"], mine["params"]):

@@ -22,7 +22,8 @@ What it changes for the user (documented on every optimizer's ``flat`` argument)
 Everything else falls back to the per-tensor path, never to different math:
 
 * not eligible (never flattened): parameters that do not require grad at construction,
-  non-contiguous or non-floating ones, tensor subclasses (DTensor, FSDP flat params);
+  non-contiguous or non-floating ones, tensor subclasses (DTensor, FSDP flat params), ones
+  whose ``grad_dtype`` is not their dtype;
 * a gradient replaced by the user (``model.zero_grad()`` then backward, or ``p.grad = ...``)
   is copied into the flat buffer and ``p.grad`` re-pointed (one extra copy that step);
 * a member without a gradient (or with a sparse one) in some step: that step the bucket's
@@ -85,6 +86,8 @@ def eligible(p: Tensor) -> bool:
         and p.is_contiguous()
         and type(p.data) is Tensor
         and not hasattr(p, "_fsdp_flattened")
+        # gradients in another dtype (torch's p.grad_dtype) cannot be views of a buffer of p's
+        and getattr(p, "grad_dtype", p.dtype) == p.dtype
     )
 
 
@@ -282,7 +285,8 @@ class FlatBucket:
             g = p.grad
             if g is v:
                 continue
-            if g is None or g.is_sparse or g.shape != v.shape or g.device != v.device:
+            if (g is None or g.is_sparse or g.shape != v.shape or g.device != v.device
+                    or g.dtype != v.dtype):  # (another dtype: the per-tensor walk decides)
                 return None
             repair.append(i)
         return repair

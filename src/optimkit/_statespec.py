@@ -4,10 +4,13 @@ value against them (``OptimizerBase._check_state_dict``)."""
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from ._base import OptimizerBase
 
 #: markers used in ``_state_spec``
 PARAM_SHAPE = "param"  # same shape as the parameter
@@ -45,3 +48,28 @@ def _describe(v: Any) -> str:
     if isinstance(v, Tensor):
         return f"shape {tuple(v.shape)}"
     return f"type {type(v).__name__}"
+
+
+def check_state_shapes(opt: OptimizerBase, gi: int, group: dict[str, Any],
+                       params: list[Tensor], states: list[Any]) -> None:
+    """Raise before the step writes anything if a parameter's state no longer has the shape
+    ``_state_spec`` declares: its ``.data`` was replaced by a tensor of another shape after
+    the state was created (pruning, a resized embedding written into the same Parameter).
+    torch.optim fails part-way through such a step, with the earlier groups already stepped.
+    ``step()`` calls this only when a group's parameter shapes differ from its last step's."""
+    for p, st in zip(params, states):
+        if not st:
+            continue
+        for key, spec in opt._state_spec(group, p).items():
+            v = st.get(key)
+            if spec in (ANY, SCALAR) or not isinstance(v, Tensor):
+                continue
+            want = tuple(p.shape) if spec == PARAM_SHAPE else tuple(spec)
+            if tuple(v.shape) != want:
+                pi = next(i for i, q in enumerate(group["params"]) if q is p)
+                raise RuntimeError(
+                    f"{type(opt).__name__}: state {key!r} of parameter {pi} in param group "
+                    f"{gi} has shape {tuple(v.shape)}, expected {want} for the parameter's "
+                    f"shape {tuple(p.shape)} (its data was replaced by a tensor of another "
+                    "shape after the state was created); nothing was changed. Build a new "
+                    "optimizer for the new shapes, or drop that state with del opt.state[p]")

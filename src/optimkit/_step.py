@@ -55,6 +55,9 @@ class GroupWork:
     buckets: list[tuple[FlatBucket, list[int]]] = field(default_factory=list)
     #: every gradient is known (checked this step) to be dense; False: not known
     dense: bool = False
+    #: the shapes of the per-tensor parameters stepped (``params`` before any flat chunk),
+    #: for ``_statespec.check_state_shapes``
+    shapes: list[torch.Size] = field(default_factory=list)
 
 
 #: the state of every parameter of a group whose update keeps none (SGD without momentum):
@@ -119,7 +122,7 @@ def gather_dense(
     if not params:
         return None
     dtype = params[0].dtype
-    ps, grads = OneDeviceDtype(), []
+    ps, grads, shapes = OneDeviceDtype(), [], []
     same_strides = cpu = True
     exact = _EXACT
     # One Python loop: measured faster than a map() per fact, on 6 tensors and on 2000 (the
@@ -134,14 +137,16 @@ def gather_dense(
             # exact types: no Python override of shape/stride()/is_sparse in between
             if type(p) not in exact or type(g) not in exact or g.is_sparse or p.is_sparse:
                 return None
-            if g.shape != p.shape:
-                return None
             if same_strides and g.stride() != p.stride():
                 same_strides = False
+            shape = p.shape
+            if g.dtype is not dtype or g.shape != shape:  # the general walk raises
+                return None
             if cpu and not p.is_cpu:
                 cpu = False
             ps.append(p)
             grads.append(g)
+            shapes.append(shape)
     except RuntimeError:  # a tensor without strides (sparse CSR, ...)
         return None
     if not ps:
@@ -172,5 +177,5 @@ def gather_dense(
         return (opt._loop_on_cpu and device.type == "cpu"
                 and sum(map(Tensor.numel, ps)) >= LOOP_BEATS_FOREACH_NUMEL * len(ps))
 
-    return (GroupWork(group, ps, grads, [], "foreach", dense=True),
+    return (GroupWork(group, ps, grads, [], "foreach", dense=True, shapes=shapes),
             ImplFacts(why, supported, large_cpu), dtypes)

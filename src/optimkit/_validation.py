@@ -145,6 +145,50 @@ def check_betas(owner: str, betas: Any, n: int = 2, *, allow_zero_first: bool = 
                     lo_open=(i == 0 and not allow_zero_first))
 
 
+#: every float dtype torch stores parameters in holds values up to float16's largest, 65504:
+#: a hyperparameter inside it fits whatever the parameters' dtype (the cheap common case)
+_FITS_EVERY_DTYPE = float(torch.finfo(torch.float16).max)
+
+
+def check_fits_dtypes(owner: str, group: dict[str, Any], keys: tuple[str, ...],
+                      params: Any) -> None:
+    """Refuse a hyperparameter of ``keys`` (already range-checked) whose magnitude exceeds the
+    largest finite value of a parameter's dtype in ``params``: the update hands it to torch as a
+    scalar in that dtype, where torch's per-tensor and foreach ops raise part-way through the
+    step (``value cannot be converted to type float without overflow``) and its fused kernels
+    and ``addcdiv`` write inf silently. ``weight_decay`` with ``decoupled_weight_decay=True``
+    (AdamW) enters as ``lr * weight_decay``, which is what must fit. ``lr=1e300`` is in range
+    for float64 parameters, not for float32 ones, so this is checked against the parameters a
+    group holds: at construction, at ``add_param_group``, at ``load_state_dict`` and at every
+    ``step`` (``model.half()`` after construction changes the bound), always before anything
+    is written. (A huge ``eps`` is not refused: it rounds to inf in a denominator and the
+    update to 0, the exact update rounded, as in torch.)
+
+    Raises ``ValueError``, e.g. ``SGD: invalid lr=1e+300; expected |lr| <= 3.403e+38 (the
+    largest float32) for float32 parameters``. Cheap when every value is at most 65504 (the
+    usual case): the parameters' dtypes are read only otherwise."""
+    big = []
+    for k in keys:
+        v = group.get(k)
+        if v is None or type(v) is bool:
+            continue
+        x, shown = abs(float(v)), k  # range-checked already: a number or a 1-element tensor
+        if k == "weight_decay" and group.get("decoupled_weight_decay") is True:
+            x, shown = x * abs(float(group["lr"])), "lr * weight_decay"
+        if x > _FITS_EVERY_DTYPE:
+            big.append((k, v, shown, x))
+    if not big:
+        return
+    dtypes = {(p[1] if isinstance(p, tuple) else p).dtype for p in params}
+    tops = sorted((float(torch.finfo(d).max), str(d).replace("torch.", ""))
+                  for d in dtypes if d.is_floating_point)
+    for k, v, shown, x in big:
+        for top, name in tops:
+            if x > top:
+                fail(owner, k, v, f"|{shown}| <= {top:.4g} (the largest {name}) for {name} "
+                     "parameters: the update would overflow them")
+
+
 def _fmt(x: float) -> str:
     if x == math.inf:
         return "inf"

@@ -65,6 +65,8 @@ class Adadelta(OptimizerBase):
     _tensor_steps = True
     _pure_validation = True  # _validate_group reads only the group (step() may skip it)
     _state_keys = frozenset({"step", "square_avg", "acc_delta"})
+    #: eps sits inside both square roots: beyond the dtype it makes the step inf / inf
+    _dtype_bounded = ("lr", "weight_decay", "eps")
     _has_compiled = True
 
     def __init__(

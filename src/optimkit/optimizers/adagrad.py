@@ -71,6 +71,8 @@ class Adagrad(OptimizerBase):
 
     _tensor_steps = True
     _pure_validation = True  # _validate_group reads only the group (step() may skip it)
+    #: initial_accumulator_value fills the state in the parameters' dtype
+    _dtype_bounded = ("lr", "weight_decay", "initial_accumulator_value")
     _state_keys = frozenset({"step", "sum"})
     _has_fused = True
     _supports_sparse = True

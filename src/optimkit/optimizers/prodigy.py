@@ -127,7 +127,8 @@ from ._prodigy.checkpoint import CheckpointMixin
 from ._prodigy.common import (_LOW_PRECISION, _dtensor_sliced, _effective_lr, _is_dtensor,
                               _local, _max_abs, _stat_dtype, _write_back)
 from ._prodigy.nonfinite import (NonFiniteMixin, NonFiniteStepError,  # noqa: F401 (public here)
-                                 _locate_nonfinite, _output_problem)
+                                 _input_problem, _locate_nonfinite,
+                                 _output_problem)
 from ._prodigy.diagnosis import Diagnosis, ProdigyDiagnosisWarning  # noqa: F401 (public)
 from ._prodigy.groups import FLOAT_SCALARS, GroupsMixin, check_groups, estimates
 from ._prodigy.paths import PathsMixin
@@ -242,6 +243,9 @@ class Prodigy(PathsMixin, ShardingMixin, NonFiniteMixin, CheckpointMixin, Groups
 
     # Its foreach path (fused Adam kernel for phase 2) beats the loop at every size.
     _loop_on_cpu = False
+    #: Prodigy's kernels take lr, eps and weight_decay scaled by d, so the d-scaled values are
+    #: checked against the dtypes at every step (``_output_problem``, ``_input_problem``)
+    _dtype_bounded = ()
     _has_compiled = True
     _state_keys = frozenset({"step", "s", "p0", "exp_avg", "exp_avg_sq"})
 
@@ -454,6 +458,10 @@ class Prodigy(PathsMixin, ShardingMixin, NonFiniteMixin, CheckpointMixin, Groups
                                .tolist() if fresh else [])
             return
 
+        problem = _input_problem(ests, self._narrowest_is_float32)
+        if problem is not None:  # from hyperparameters and dtypes: every rank decides alike
+            self._reject(problem)
+            return
         # ---- phase 1: statistics only; nothing is written (s' is written in phase 2)
         for e in ests:
             # keyed by the group (one object for the whole run), not by the GroupWork (new

@@ -8,6 +8,7 @@ import math
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -98,6 +99,32 @@ def _caller_level() -> int:
 
 def _limits(float32: bool) -> torch.finfo:
     return torch.finfo(torch.float32 if float32 else torch.float64)
+
+
+def _input_problem(ests: list[Any], narrow_is_float32: Callable[[list[GroupWork]], bool],
+                   ) -> str | None:
+    """Why phase 1 cannot run, or None. Phase 1 hands torch scalars in float32 (float64 when
+    everything is): ``c_s`` in ``s' = beta3 s + c_s g`` and, with coupled weight decay
+    (``decouple=False``), ``weight_decay`` in ``g + wd * theta``. torch refuses to convert a
+    larger one (``value cannot be converted to type float without overflow``) or its sums
+    overflow; either way the step's output is non-finite. Decided from hyperparameters, the
+    estimate's scalars and dtypes only (every rank decides alike), before anything is
+    computed."""
+    fmt = lambda x: f"{x:.4g}"  # noqa: E731
+    for e in ests:
+        lim = _limits(narrow_is_float32(e.active))
+        name = str(lim.dtype).replace("torch.", "")
+        for g in e.live:
+            coupled = 0.0 if g["decouple"] else float(g["weight_decay"])
+            warm = g["safeguard_warmup"]
+            c_s = (e.d / e.d0) * (e.d if warm else e.dlr)
+            for key, v in (("weight_decay", coupled),
+                           (f"c_s = (d / d0) * {'d' if warm else 'dlr'}", c_s),
+                           ("c_s * weight_decay", c_s * coupled)):
+                if not abs(v) <= lim.max:
+                    return (f"{key} = {fmt(v)} overflows {name} (max {fmt(lim.max)}), the "
+                            "dtype phase 1 computes in: non-finite output")
+    return None
 
 
 def _output_problem(groups: list[dict[str, Any]], *, decouple: bool, update: bool, d: float,
