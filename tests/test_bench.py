@@ -7,15 +7,21 @@ recomputed from the JSON, the ceiling the best of its probes, the "n/a" path for
 that is not implemented; and the mechanics a trustworthy run needs: every window starts from
 the pristine gradients, a candidate that changes them is named, a failing candidate prints
 its whole message and makes the run exit non-zero, and the contention scenario's background
-process is started and always stopped.
+process is started and always stopped. On a narrow console (80, 100, 120 columns) the tables
+are printed compact and split: no line is wider than the console, nothing is cut, and every
+value of the wide layout is still printed, equal to the JSON's numbers.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
+from rich.console import Console
 
 import optimkit
 from optimkit import bench, bench_cli, bench_contention, bench_report
@@ -45,6 +51,18 @@ def _expected_candidates() -> set[tuple[str, str]]:
         for c in bench.candidates_for(algo):
             out.add((algo, c.label))
     return out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_columns():
+    """bench.main honours $COLUMNS when stdout is not a terminal; these tests parse the wide
+    layout it prints without one (140 columns) unless they set a width."""
+    import os
+
+    old = os.environ.pop("COLUMNS", None)
+    yield
+    if old is not None:
+        os.environ["COLUMNS"] = old
 
 
 @pytest.fixture(scope="module")
@@ -358,3 +376,253 @@ def test_prodigy_targets_against_adamw_use_the_same_run():
         which = "cold" if cold else "warm"
         t = got[f"compile {which} <= {limit:g} s"]
         assert t["value"] == pytest.approx(4.0) and t["met"] is (4.0 <= limit)
+
+
+# ------------------------------------------------------------------ narrow consoles
+# On a console narrower than the wide table, every table is printed compact (notes as
+# numbered footnotes, the anchor as "anchor") and split into parts that repeat the key
+# columns. The checks: no line longer than the width, no ellipsis, and every value of the
+# wide layout still printed, equal to the JSON's numbers.
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+def _render(report: dict, width: int) -> str:
+    buf = io.StringIO()
+    saved = json.loads(json.dumps(report))  # print_saved fills in derived fields
+    bench_report.print_saved(saved, Console(file=buf, width=width, color_system=None, legacy_windows=False))
+    return buf.getvalue()
+
+
+def _parsed_tables(text: str) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(title's last line, headers, body rows) of every printed table, one row per body line."""
+    tables = []
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if not line.startswith("┏"):
+            continue
+        title = lines[i - 1].strip() if i else ""
+        headers = [c.strip() for c in lines[i + 1].strip("┃").split("┃")]
+        rows = []
+        for body in lines[i + 3:]:
+            if body.startswith("└"):
+                break
+            if body.startswith("│"):
+                rows.append([c.strip() for c in body.strip("│").split("│")])
+        tables.append((title, headers, rows))
+    return tables
+
+
+def _set_parts(text: str, title_re: str) -> dict[str, list[dict[str, str]]]:
+    """The parts of each set's table joined back into one row per result: header -> cell."""
+    out: dict[str, list[dict[str, str]]] = {}
+    for title, headers, rows in _parsed_tables(text):
+        m = re.match(title_re, title)
+        if not m:
+            continue
+        name, part = m.group(1), m.group(2)
+        if part in (None, "1"):
+            out[name] = [dict(zip(headers, r)) for r in rows]
+        else:
+            assert len(rows) == len(out[name])
+            for joined, r in zip(out[name], rows):
+                for h, c in zip(headers, r):
+                    assert joined.get(h, c) == c, (h, joined.get(h), c)  # key columns repeated
+                    joined[h] = c
+    return out
+
+
+_SET_TITLE = r"^(\w+): [\d,]+ fp32 parameters in \d+ tensors(?: \(part (\d) of \d\))?$"
+
+
+def _footnotes(text: str) -> dict[str, dict[str, str]]:
+    """Per set, the numbered footnotes printed under its tables: number -> text."""
+    out: dict[str, dict[str, str]] = {}
+    current = None
+    for line in text.splitlines():
+        m = re.match(_SET_TITLE, line.strip())
+        if m:
+            current = m.group(1)
+        m = re.match(r"^\((\d+)\) (.+)$", line)
+        if m and current:
+            out.setdefault(current, {})[m.group(1)] = m.group(2)
+    return out
+
+
+def _check_lines(text: str, width: int) -> None:
+    for line in text.splitlines():
+        assert len(line) <= width, (width, line)
+        assert "…" not in line and "..." not in line, line
+
+
+def _check_narrow_report(report: dict, text: str) -> None:
+    """Every value of every row of the step-time tables, recomputed from the JSON."""
+    assert "(part 2 of" in text  # split: the wide table does not fit
+    parts = _set_parts(text, _SET_TITLE)
+    assert set(parts) == set(report["sets"])
+    all_notes = _footnotes(text)
+    for set_name, meta in report["sets"].items():
+        notes = all_notes.get(set_name, {})
+        rows = [r for r in report["results"] if r["set"] == set_name]
+        printed = parts[set_name]
+        assert len(printed) == len(rows)
+        names = [c["optimizer"] for c in printed]
+        for algo in dict.fromkeys(r["optimizer"] for r in rows):
+            first = next(i for i, r in enumerate(rows) if r["optimizer"] == algo)
+            assert names[first] == bench.TITLES[algo]
+            assert names[first + 1] == f"{bench.BYTES_PER_PARAM[algo]} B/param"
+            group = [r for r in rows if r["optimizer"] == algo]
+            if len(group) > 3:  # the floor and the ceiling it was computed from
+                assert names[first + 2] == f"floor {bench_report._fmt_ms(group[0]['floor_ms'])} ms"
+                assert names[first + 3] == f"at {group[0]['bandwidth_GBps']:.1f} GB/s"
+        for cells, r in zip(printed, rows):
+            label, mark = re.fullmatch(r"(.+?)(?: \((\d+)\))?", cells["implementation"]).groups()
+            assert label == r["label"]
+            note = "see below" if r["status"] != "ok" else r.get("note", "")
+            assert (notes[mark] if mark else "") == note
+            if r["status"] != "ok":
+                assert cells["ms/step"] == r["status"]
+                continue
+            assert cells["ms/step"] == bench_report._fmt_ms(r["ms_per_step"])
+            assert cells["spread"] == bench_report.format_spread(r)
+            assert cells["vs anchor"] == ("anchor" if r["is_anchor"] else f"{r['ratio_to_anchor']:.2f}x")
+            bw = r["bandwidth_GBps"] * 1e9
+            want = bench.BYTES_PER_PARAM[r["optimizer"]] * meta["params"] / bw / (r["ms_per_step"] / 1e3)
+            pct = float(cells["floor"].rstrip("%"))
+            decimals = 1 if 100 * want < 10 else 0
+            assert pct == pytest.approx(100 * want, abs=0.5 * 10**-decimals + 1e-9), (set_name, r["label"])
+            assert cells["cold ms"] == bench_report._fmt_ms(r["cold_ms"])
+            assert cells["state B/param"] == f"{r['state_bytes_per_param']:.1f}"
+
+
+def _targets_cells(text: str) -> dict[tuple[str, str], dict[str, set[str]]]:
+    """Each targets row: header -> its targets (a cell's lines, or the wide cell split at "; ")."""
+    out: dict[tuple[str, str], dict[str, set[str]]] = {}
+    for title, headers, rows in _parsed_tables(text):
+        if headers[:2] != ["set", "optimizer"]:
+            continue
+        key = None
+        for r in rows:
+            cells = dict(zip(headers, r))
+            if cells["set"]:
+                key = (cells["set"], cells["optimizer"])
+                out.setdefault(key, {})
+            for h, c in cells.items():
+                if h not in ("set", "optimizer") and c:
+                    out[key].setdefault(h, set()).update(c.split("; "))
+    return out
+
+
+def _derived(report: dict) -> list:
+    saved = json.loads(json.dumps(report))
+    bench_report.fill_derived(saved["results"], saved["sets"])
+    return saved["results"]
+
+
+@pytest.mark.parametrize("width", [80, 100])
+def test_narrow_report_fits_and_keeps_every_value(quick_run, width):
+    _, _, report = quick_run
+    wide = _render(report, 140)
+    assert "(part" not in wide and "note" in wide
+    text = _render(report, width)
+    _check_lines(text, width)
+    _check_narrow_report(report | {"results": _derived(report)}, text)
+    assert _targets_cells(text) == _targets_cells(wide)
+
+
+def test_narrow_notes_and_failures_are_footnotes(quick_run):
+    _, _, report = quick_run
+    report = json.loads(json.dumps(report))
+    rows = [r for r in report["results"] if r["set"] == "small"]
+    rows[0]["note"] = "changes p.grad"
+    rows[5]["note"] = "changes p.grad"
+    rows[6]["note"] = "replaces p.grad"
+    rows[1].update(status="error", reason="RuntimeError: " + " ".join(f"word{i}" for i in range(40)))
+    text = _render(report, 80)
+    _check_lines(text, 80)
+    _check_narrow_report(report | {"results": _derived(report)}, text)
+    assert _footnotes(text)["small"] == {"1": "changes p.grad", "2": "see below", "3": "replaces p.grad"}
+    assert "".join(rows[1]["reason"].split()) in "".join(text.split())  # the whole message
+
+
+@pytest.mark.parametrize("name", ["bench-2026-11-30b.json", "bench-2026-11-30.json"])
+@pytest.mark.parametrize("width", [80, 120, 200])
+def test_saved_runs_at_common_widths(name, width):
+    path = DOCS / name
+    if not path.exists():
+        pytest.skip(f"{path} not present")
+    report = json.loads(path.read_text())
+    text = _render(report, width)
+    _check_lines(text, width)
+    wide = _render(report, 140)
+    assert _targets_cells(text) == _targets_cells(wide)
+    if width >= 140:
+        # today's layout: the tables as printed at 140 columns (the header line wraps later)
+        assert text[text.index("\ntransformer:"):] == wide[wide.index("\ntransformer:"):]
+        assert "(anchor)" in text and "(part" not in text
+    else:
+        assert "changes p.grad" in text
+        if "(part 2 of" in text:
+            _check_narrow_report(report | {"results": _derived(report)}, text)
+
+
+def _contention_rows(text: str) -> dict[str, list[dict[str, str]]]:
+    return _set_parts(text, r"^(\w+): [\d,]+ fp32 parameters in \d+ tensors(?: \(part (\d) of \d\))?")
+
+
+@pytest.mark.parametrize("width", [80, 120])
+def test_narrow_contention_keeps_every_value(width):
+    path = DOCS / "bench-2026-11-30b-contention.json"
+    if not path.exists():
+        pytest.skip(f"{path} not present")
+    report = json.loads(path.read_text())
+    rows = [r for r in report["results"] if r["library"] != "optimkit"]
+    rows[0]["note"] = "changes p.grad"  # a note, to see it as a footnote
+    text = _render(report, width)
+    _check_lines(text, width)
+    assert "(1) torch default: changes p.grad" in text or "(1) prodigyopt: changes p.grad" in text
+    printed = _contention_rows(text)
+    saved = json.loads(json.dumps(report))
+    bench_report.fill_derived(saved["results"], saved["sets"], "ms_mean")
+
+    def triple(r):
+        f = bench_report._fmt_ms
+        return f"{f(r['ms_mean'])} / {f(r['ms_per_step'])} / {f(r['ms_max'])}"
+
+    n = 0
+    for set_name in report["sets"]:
+        it = iter(printed[set_name])
+        for algo in dict.fromkeys(r["optimizer"] for r in saved["results"] if r["set"] == set_name):
+            for phase in ("idle", "loaded"):
+                grp = [r for r in saved["results"]
+                       if r["set"] == set_name and r["optimizer"] == algo and r["phase"] == phase]
+                ours = next(r for r in grp if r["library"] == "optimkit")
+                theirs = next(r for r in grp if r["library"] != "optimkit")
+                cells = next(it)
+                assert re.sub(r" \(\d+\)$", "", cells["phase"]) == phase
+                assert cells["optimkit default"] == triple(ours)
+                assert cells["anchor ms"] == triple(theirs)
+                assert cells["anchor"] == theirs["label"]
+                assert cells["ratio"] == f"{ours['ratio_to_anchor']:.2f}x"
+                limit = bench_report.CONTENTION_LIMITS[phase]
+                assert cells["target"] == f"<= {limit:.1f}x {'ok' if ours['ratio_to_anchor'] <= limit else 'NO'}"
+                n += 1
+    assert n == len(saved["results"]) // 2
+
+
+def test_width_option_and_columns(monkeypatch, tmp_path, capsys, quick_run):
+    _, _, report = quick_run
+    path = tmp_path / "saved.json"
+    path.write_text(json.dumps(report))
+    monkeypatch.delenv("COLUMNS", raising=False)
+    assert bench_cli.console_width(None) == 140  # not a terminal: today's wide tables
+    monkeypatch.setenv("COLUMNS", "80")
+    assert bench_cli.console_width(None) == 80
+    assert bench_cli.console_width(100) == 100
+    assert bench.main(["--render", str(path)]) == 0
+    out = capsys.readouterr().out
+    _check_lines(out, 80)
+    assert "(part 2 of" in out
+    assert bench.main(["--render", str(path), "--width", "200"]) == 0
+    assert "(part" not in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench.main(["--render", str(path), "--width", "5"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -71,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="PATH", help="also write the full results as JSON")
     p.add_argument("--render", metavar="PATH",
                    help="measure nothing: print the tables of a JSON written by --json")
+    p.add_argument("--width", type=int, default=None, metavar="COLUMNS",
+                   help="width of the printed tables; default: $COLUMNS, else the terminal's, else 140 "
+                   "(a file or pipe). A table wider than this is printed compact: notes as numbered "
+                   "footnotes, the columns split over several tables that repeat the key columns")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads(N) before measuring")
     p.add_argument("--seed", type=int, default=0, help="seed of the fixed parameters and gradients")
     return p
@@ -107,6 +112,18 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return cfg
 
 
+def console_width(width: int | None) -> int | None:
+    """The tables' width: ``--width``, else $COLUMNS, else the terminal's (``None``: rich reads
+    both), else 140: a file or pipe gets the wide tables instead of rich's 80-column default
+    unless $COLUMNS asks for a width."""
+    if width is not None:
+        return width
+    if sys.stdout.isatty():
+        return None
+    columns = os.environ.get("COLUMNS", "")
+    return int(columns) if columns.isdigit() and int(columns) > 0 else 140
+
+
 def has_errors(report: dict[str, Any]) -> bool:
     """Whether some row of ``report`` failed (status "error"; "n/a" is a placeholder optimizer)."""
     return any(r.get("status") == "error" for r in report.get("results", ()))
@@ -123,8 +140,9 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    # A file or pipe gets a fixed wide table instead of rich's 80-column default.
-    out = Console(width=None if sys.stdout.isatty() else 140)
+    if args.width is not None and args.width < 20:
+        parser.error("--width must be >= 20")
+    out = Console(width=console_width(args.width))
     if args.render:
         with open(args.render) as f:
             saved = json.load(f)

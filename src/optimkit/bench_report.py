@@ -1,7 +1,8 @@
 """Tables of the step-time benchmark (:mod:`optimkit.bench`) and the issue's targets.
 
 Everything here is derived from the JSON report, so ``optimkit bench --render PATH`` prints a
-saved run exactly as it was printed when measured. Ratios and floor fractions are computed
+saved run exactly as it was printed when measured (at the same console width: a console too
+narrow for a wide table gets it compact and split into parts, see "layout" below). Ratios and floor fractions are computed
 from the numbers in the rows (:func:`fill_derived`); the tests recompute them the same way.
 """
 
@@ -192,10 +193,184 @@ def _header(report: dict[str, Any]) -> str:
             f"load avg before {meta['loadavg_before'][0]:.2f}, after {meta['loadavg_after'][0]:.2f}")
 
 
-def print_report(report: dict[str, Any], console: Any) -> None:
-    """Print one rich table per parameter set, then the targets and every failure."""
-    from rich.table import Table
+# ------------------------------------------------------------------------------ layout
+# A table is printed as today's wide table when it fits the console. On a narrower console it
+# is printed compact: the long "note" text goes under the table as numbered footnotes (the
+# row's implementation/phase cell gets the marker "(n)"), the anchor's "1.00x (anchor)" is
+# printed "anchor", and the value columns are packed, in order, into as few tables as fit the
+# width, each repeating the key columns (optimizer, implementation). Every cell is printed
+# whole: nothing is shortened with an ellipsis.
 
+
+class _Col:
+    """One column: header, justification, one cell per row."""
+
+    def __init__(self, header: str, cells: list[str], justify: str = "left") -> None:
+        self.header, self.cells, self.justify = header, cells, justify
+
+
+def _make_table(title: str | None, cols: list[_Col], ends: list[bool], wrap: bool = False,
+                min_width: int | None = None) -> Any:
+    from rich.table import Table
+    from rich.text import Text
+
+    t = Table(title=title, title_justify="left", min_width=min_width)
+    for c in cols:
+        t.add_column(c.header, justify=c.justify, no_wrap=not wrap,  # type: ignore[arg-type]
+                     overflow="fold")
+    for i, end in enumerate(ends):
+        t.add_row(*(Text(c.cells[i]) for c in cols), end_section=end)
+    return t
+
+
+def _natural_width(console: Any, table: Any) -> int:
+    """The width ``table`` takes when nothing in it is wrapped or shortened."""
+    from rich.measure import Measurement
+
+    return Measurement.get(console, console.options.update_width(1 << 16), table).maximum
+
+
+def _fits(console: Any, table: Any) -> bool:
+    return _natural_width(console, table) <= console.width
+
+
+def _pack(console: Any, keys: list[_Col], values: list[_Col], ends: list[bool]) -> list[list[_Col]]:
+    """Value columns in order, split into the fewest consecutive groups that fit beside ``keys``."""
+    parts: list[list[_Col]] = []
+    cur: list[_Col] = []
+    for c in values:
+        if cur and not _fits(console, _make_table(None, [*keys, *cur, c], ends)):
+            parts.append(cur)
+            cur = []
+        cur.append(c)
+    if cur or not parts:
+        parts.append(cur)
+    return parts
+
+
+def _print_split(console: Any, title: str, keys: list[_Col], values: list[_Col], ends: list[bool],
+                 fill: list[str] | None = None) -> None:
+    """Print ``keys`` + ``values`` as one table, or as several that each fit the console.
+
+    Part ``i`` of ``n`` is titled ``title (part i of n)``.
+    ``fill``: per row, a text for the first value column of every part (a failed row's status)
+    or "". A part that cannot fit even alone (a very narrow console) wraps its cells instead of
+    shortening them."""
+    from rich.cells import cell_len
+
+    parts = _pack(console, keys, values, ends)
+    n = len(parts)
+    for i, cols in enumerate(parts, 1):
+        if fill is not None and cols:
+            first = cols[0]
+            cols = [_Col(first.header, [f or c for f, c in zip(fill, first.cells)], first.justify), *cols[1:]]
+        t = title if n == 1 else f"{title} (part {i} of {n})"
+        # as wide as its title where the console allows: a narrow part would wrap its title
+        mw = min(cell_len(t), console.width)
+        table = _make_table(t, [*keys, *cols], ends, min_width=mw)
+        if not _fits(console, table):
+            table = _make_table(t, [*keys, *cols], ends, wrap=True, min_width=mw)
+        console.print(table)
+
+
+class _Footnotes:
+    """Numbered footnotes, one per distinct text, in order of first use."""
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+
+    def mark(self, cell: str, note: str) -> str:
+        if not note:
+            return cell
+        if note not in self.texts:
+            self.texts.append(note)
+        return f"{cell} ({self.texts.index(note) + 1})"
+
+    def print(self, console: Any) -> None:
+        for k, text in enumerate(self.texts, 1):
+            console.print(f"({k}) {text}", highlight=False, markup=False)
+
+
+def _set_title(set_name: str, smeta: dict[str, Any]) -> str:
+    return f"{set_name}: {smeta['params']:,} fp32 parameters in {smeta['tensors']} tensors"
+
+
+def _set_table_rows(report: dict[str, Any], set_name: str) -> tuple[list[str], list[dict[str, Any]], list[bool]]:
+    """The optimizer column's cells (name, B/param, floor, ceiling), the rows, section ends."""
+    names: list[str] = []
+    out: list[dict[str, Any]] = []
+    ends: list[bool] = []
+    algos = list(dict.fromkeys(r["optimizer"] for r in report["results"] if r["set"] == set_name))
+    for ai, algo in enumerate(algos):
+        rows = [r for r in report["results"] if r["set"] == set_name and r["optimizer"] == algo]
+        for i, r in enumerate(rows):
+            name = ""
+            if i == 0:
+                name = TITLES[algo]
+            elif i == 1:
+                name = f"{BYTES_PER_PARAM[algo]} B/param"
+            elif i == 2 and r.get("floor_ms"):
+                name = f"floor {_fmt_ms(r['floor_ms'])} ms"
+            elif i == 3 and r.get("bandwidth_GBps"):
+                name = f"at {r['bandwidth_GBps']:.1f} GB/s"
+            names.append(name)
+            out.append(r)
+            ends.append(i == len(rows) - 1 and ai < len(algos) - 1)
+    return names, out, ends
+
+
+def _value_cells(r: dict[str, Any], compact: bool) -> list[str]:
+    """ms/step, spread, vs anchor, floor, cold ms, state B/param of one ok row."""
+    ratio = r.get("ratio_to_anchor")
+    if ratio is None:
+        rtxt = ""
+    elif r["is_anchor"]:
+        rtxt = "anchor" if compact else f"{ratio:.2f}x (anchor)"
+    else:
+        rtxt = f"{ratio:.2f}x"
+    ff = r.get("floor_fraction")
+    return [
+        _fmt_ms(r["ms_per_step"]),
+        format_spread(r),
+        rtxt,
+        "" if ff is None else format_fraction(ff),
+        _fmt_ms(r["cold_ms"]),
+        f"{r['state_bytes_per_param']:.1f}",
+    ]
+
+
+_VALUE_HEADERS = ("ms/step", "spread", "vs anchor", "floor", "cold ms", "state B/param")
+
+
+def _print_set(report: dict[str, Any], set_name: str, console: Any) -> None:
+    names, rows, ends = _set_table_rows(report, set_name)
+    title = _set_title(set_name, report["sets"][set_name])
+    # today's wide table: every column, the note in its own column
+    wide_cells = [[r["status"], "", "", "", "", "", "see below"] if r["status"] != "ok"
+                  else [*_value_cells(r, False), r.get("note", "")] for r in rows]
+    wide = [_Col("optimizer", names), _Col("implementation", [r["label"] for r in rows])]
+    for j, h in enumerate((*_VALUE_HEADERS, "note")):
+        wide.append(_Col(h, [c[j] for c in wide_cells], "left" if h == "note" else "right"))
+    table = _make_table(title, wide, ends)
+    if _fits(console, table):
+        console.print(table)
+        return
+    # compact: notes as footnotes, the anchor as "anchor", split to fit
+    notes = _Footnotes()
+    labels = [notes.mark(r["label"], "see below" if r["status"] != "ok" else r.get("note", ""))
+              for r in rows]
+    cells = [_value_cells(r, True) if r["status"] == "ok" else [""] * len(_VALUE_HEADERS) for r in rows]
+    keys = [_Col("optimizer", names), _Col("implementation", labels)]
+    values = [_Col(h, [c[j] for c in cells], "right") for j, h in enumerate(_VALUE_HEADERS)]
+    # a failed row shows its status in the first value column of every part
+    _print_split(console, title, keys, values, ends,
+                 fill=["" if r["status"] == "ok" else r["status"] for r in rows])
+    notes.print(console)
+
+
+def print_report(report: dict[str, Any], console: Any) -> None:
+    """Print one rich table per parameter set (split into narrower ones on a narrow console),
+    then the targets and every failure."""
     bw = report["bandwidth"]
     probes = ", ".join(f"{k} {v:.1f}" for k, v in bw["probes_GBps"].items())
     console.print(
@@ -208,67 +383,31 @@ def print_report(report: dict[str, Any], console: Any) -> None:
         top, r = max(fr, key=lambda x: x[0])
         console.print(f"highest floor fraction: {format_fraction(top)} ({r['set']} / "
                       f"{TITLES[r['optimizer']]} / {r['label']})", highlight=False)
-    for set_name, smeta in report["sets"].items():
-        table = Table(
-            title=f"{set_name}: {smeta['params']:,} fp32 parameters in {smeta['tensors']} tensors",
-            title_justify="left",
-        )
-        for col, just in (("optimizer", "left"), ("implementation", "left"), ("ms/step", "right"),
-                          ("spread", "right"), ("vs anchor", "right"), ("floor", "right"),
-                          ("cold ms", "right"), ("state B/param", "right"), ("note", "left")):
-            table.add_column(col, justify=just, no_wrap=True)  # type: ignore[arg-type]
-        algos = list(dict.fromkeys(r["optimizer"] for r in report["results"] if r["set"] == set_name))
-        for ai, algo in enumerate(algos):
-            rows = [r for r in report["results"] if r["set"] == set_name and r["optimizer"] == algo]
-            for i, r in enumerate(rows):
-                name = ""
-                if i == 0:
-                    name = TITLES[algo]
-                elif i == 1:
-                    name = f"{BYTES_PER_PARAM[algo]} B/param"
-                elif i == 2 and r.get("floor_ms"):
-                    name = f"floor {_fmt_ms(r['floor_ms'])} ms"
-                elif i == 3 and r.get("bandwidth_GBps"):
-                    name = f"at {r['bandwidth_GBps']:.1f} GB/s"
-                if r["status"] != "ok":
-                    cells = [r["status"], "", "", "", "", "", "see below"]
-                else:
-                    ratio = r.get("ratio_to_anchor")
-                    rtxt = "" if ratio is None else f"{ratio:.2f}x" + (" (anchor)" if r["is_anchor"] else "")
-                    ff = r.get("floor_fraction")
-                    cells = [
-                        _fmt_ms(r["ms_per_step"]),
-                        format_spread(r),
-                        rtxt,
-                        "" if ff is None else format_fraction(ff),
-                        _fmt_ms(r["cold_ms"]),
-                        f"{r['state_bytes_per_param']:.1f}",
-                        r.get("note", ""),
-                    ]
-                table.add_row(name, r["label"], *cells, end_section=(i == len(rows) - 1 and ai < len(algos) - 1))
-        console.print(table)
+    for set_name in report["sets"]:
+        _print_set(report, set_name, console)
     if report.get("targets"):
-        console.print(targets_table(report["targets"]))
+        print_targets(report["targets"], console)
     _print_failures(report, console)
 
 
-def targets_table(targets: list[dict[str, Any]]) -> Any:
-    """The issue's targets, one row per (set, optimizer)."""
-    from rich.table import Table
+TARGETS_TITLE = (
+    "targets. speed: best optimkit path (opt-in flat/compile included) <= 1.0x torch "
+    "fused (SGD*, Adagrad, Adam, AdamW), <= 0.5x torch's fastest (RMSprop, RAdam, Adadelta), "
+    "<= 0.30x prodigyopt; default: optimkit's default path <= 0.8x torch fused on the small "
+    "set; floor: best path >= 50% on the small set, Prodigy >= 60%; first step <= 10 s "
+    "(paths that can be defaults); Prodigy on the transformer set: time / ((52/28) x torch "
+    "fused AdamW) <= 1.6 (default path), <= 1.15 (compile=True), compile=True's first "
+    "step <= 5 s cold, <= 1 s with --warm-compile-cache")
+_TARGET_COLS = ("speed", "default", "floor", "first step", "vs AdamW", "compile")
 
-    t = Table(title="targets. speed: best optimkit path (opt-in flat/compile included) <= 1.0x torch "
-              "fused (SGD*, Adagrad, Adam, AdamW), <= 0.5x torch's fastest (RMSprop, RAdam, Adadelta), "
-              "<= 0.30x prodigyopt; default: optimkit's default path <= 0.8x torch fused on the small "
-              "set; floor: best path >= 50% on the small set, Prodigy >= 60%; first step <= 10 s "
-              "(paths that can be defaults); Prodigy on the transformer set: time / ((52/28) x torch "
-              "fused AdamW) <= 1.6 (default path), <= 1.15 (compile=True), compile=True's first "
-              "step <= 5 s cold, <= 1 s with --warm-compile-cache", title_justify="left")
-    cols = ("speed", "default", "floor", "first step", "vs AdamW", "compile")
-    for col in ("set", "optimizer", *cols, "all met"):
-        t.add_column(col, no_wrap=True)
+
+def _target_cells(targets: list[dict[str, Any]], sep: str) -> tuple[list[tuple[str, str]], list[list[str]]]:
+    """(set, optimizer) keys and, per key, the cells of _TARGET_COLS + "all met"; a cell with
+    several targets joins them with ``sep``."""
     keys = list(dict.fromkeys((tg["set"], tg["optimizer"]) for tg in targets))
+    rows = []
     for set_name, algo in keys:
-        cells = dict.fromkeys(cols, "")
+        cells = dict.fromkeys(_TARGET_COLS, "")
         mets = []
         for tg in targets:
             if (tg["set"], tg["optimizer"]) != (set_name, algo):
@@ -289,18 +428,45 @@ def targets_table(targets: list[dict[str, Any]]) -> Any:
                 col, txt = "first step", f"{'n/a' if v is None else f'{v:.2f} s'} {mark}"
             else:
                 col, txt = "speed", f"{'n/a' if v is None else f'{v:.2f}x'} {mark}"
-            cells[col] = f"{cells[col]}; {txt}" if cells[col] else txt
+            cells[col] = f"{cells[col]}{sep}{txt}" if cells[col] else txt
         allmet = "n/a" if any(m is None for m in mets) else ("yes" if all(mets) else "NO")
-        t.add_row(set_name, TITLES[algo], *(cells[c] for c in cols), allmet)
-    return t
+        rows.append([*(cells[c] for c in _TARGET_COLS), allmet])
+    return keys, rows
+
+
+def targets_table(targets: list[dict[str, Any]]) -> Any:
+    """The issue's targets, one row per (set, optimizer): the wide table."""
+    keys, rows = _target_cells(targets, "; ")
+    cols = [_Col("set", [k[0] for k in keys]), _Col("optimizer", [TITLES[k[1]] for k in keys])]
+    cols += [_Col(h, [r[j] for r in rows]) for j, h in enumerate((*_TARGET_COLS, "all met"))]
+    return _make_table(TARGETS_TITLE, cols, [False] * len(keys))
+
+
+def print_targets(targets: list[dict[str, Any]], console: Any) -> None:
+    """The targets table; on a narrow console a cell's several targets go on separate lines,
+    columns that are empty throughout are left out, and the rest split to fit."""
+    table = targets_table(targets)
+    if _fits(console, table):
+        console.print(table)
+        return
+    keys, rows = _target_cells(targets, "\n")
+    kcols = [_Col("set", [k[0] for k in keys]), _Col("optimizer", [TITLES[k[1]] for k in keys])]
+    values = [_Col(h, [r[j] for r in rows]) for j, h in enumerate((*_TARGET_COLS, "all met"))]
+    values = [c for c in values if any(c.cells)]
+    # a rule between the sets and around a row of several lines, so that it reads as one row
+    tall = [any("\n" in c for c in r) for r in rows]
+    ends = [i + 1 < len(keys) and (keys[i][0] != keys[i + 1][0] or tall[i] or tall[i + 1])
+            for i in range(len(keys))]
+    console.print(TARGETS_TITLE, highlight=False, markup=False)
+    _print_split(console, "targets", kcols, values, ends)
 
 
 def print_contention(report: dict[str, Any], console: Any) -> None:
     """The contention scenario: per set, each optimizer's default against torch.optim's
     default (prodigyopt for Prodigy), alone ("idle") and with the background process
-    ("loaded"): mean, median and max ms/step over windows, and the ratio of the means."""
-    from rich.table import Table
-
+    ("loaded"): mean, median and max ms/step over windows, and the ratio of the means.
+    On a narrow console: the notes as footnotes, "ratio" for "ratio (means)", the times side
+    by side and the anchor's name with the ratio in a second table if they do not fit in one."""
     bg = report["contention"]
     console.print(
         f"{_header(report)}; contention: one background process ({bg['what']}), pid {bg['pid']}, "
@@ -311,39 +477,53 @@ def print_contention(report: dict[str, Any], console: Any) -> None:
         + f"; load avg while loaded {bg['loadavg_loaded'][0]:.2f}",
         highlight=False,
     )
+
+    def cell(r: dict[str, Any] | None) -> str:
+        if r is None:
+            return ""
+        if r["status"] != "ok":
+            return f"{r['status']} (see below)"
+        return f"{_fmt_ms(r['ms_mean'])} / {_fmt_ms(r['ms_per_step'])} / {_fmt_ms(r['ms_max'])}"
+
     for set_name, smeta in report["sets"].items():
-        table = Table(
-            title=f"{set_name}: {smeta['params']:,} fp32 parameters in {smeta['tensors']} tensors "
-            "(ms/step over windows: mean / median / max)",
-            title_justify="left",
-        )
-        for col in ("optimizer", "phase", "optimkit default", "anchor", "anchor ms", "ratio (means)",
-                    "target", "note"):
-            table.add_column(col, no_wrap=True)
+        title = f"{_set_title(set_name, smeta)} (ms/step over windows: mean / median / max)"
+        names, phases, ours, anchors, theirs, ratios, targets, notes, ends = ([] for _ in range(9))
         algos = list(dict.fromkeys(r["optimizer"] for r in report["results"] if r["set"] == set_name))
         for ai, algo in enumerate(algos):
-            phases = list(dict.fromkeys(r["phase"] for r in report["results"]
-                                        if r["set"] == set_name and r["optimizer"] == algo))
-            for pi, phase in enumerate(phases):
+            algo_phases = list(dict.fromkeys(r["phase"] for r in report["results"]
+                                             if r["set"] == set_name and r["optimizer"] == algo))
+            for pi, phase in enumerate(algo_phases):
                 rows = [r for r in report["results"]
                         if r["set"] == set_name and r["optimizer"] == algo and r["phase"] == phase]
-                ours = next((r for r in rows if r["library"] == "optimkit"), None)
-                theirs = next((r for r in rows if r["library"] != "optimkit"), None)
-
-                def cell(r: dict[str, Any] | None) -> str:
-                    if r is None:
-                        return ""
-                    if r["status"] != "ok":
-                        return f"{r['status']} (see below)"
-                    return f"{_fmt_ms(r['ms_mean'])} / {_fmt_ms(r['ms_per_step'])} / {_fmt_ms(r['ms_max'])}"
-
-                ratio = ours.get("ratio_to_anchor") if ours and ours["status"] == "ok" else None
+                mine = next((r for r in rows if r["library"] == "optimkit"), None)
+                other = next((r for r in rows if r["library"] != "optimkit"), None)
+                ratio = mine.get("ratio_to_anchor") if mine and mine["status"] == "ok" else None
                 limit = CONTENTION_LIMITS[phase]
                 mark = "n/a" if ratio is None else ("ok" if ratio <= limit else "NO")
-                notes = "; ".join(f"{r['label']}: {r['note']}" for r in rows if r.get("note"))
-                table.add_row(TITLES[algo] if pi == 0 else "", phase, cell(ours),
-                              theirs["label"] if theirs else "", cell(theirs),
-                              "" if ratio is None else f"{ratio:.2f}x", f"<= {limit:.1f}x {mark}", notes,
-                              end_section=(pi == len(phases) - 1 and ai < len(algos) - 1))
-        console.print(table)
+                names.append(TITLES[algo] if pi == 0 else "")
+                phases.append(phase)
+                ours.append(cell(mine))
+                anchors.append(other["label"] if other else "")
+                theirs.append(cell(other))
+                ratios.append("" if ratio is None else f"{ratio:.2f}x")
+                targets.append(f"<= {limit:.1f}x {mark}")
+                notes.append("; ".join(f"{r['label']}: {r['note']}" for r in rows if r.get("note")))
+                ends.append(pi == len(algo_phases) - 1 and ai < len(algos) - 1)
+        wide = [_Col("optimizer", names), _Col("phase", phases), _Col("optimkit default", ours),
+                _Col("anchor", anchors), _Col("anchor ms", theirs), _Col("ratio (means)", ratios),
+                _Col("target", targets), _Col("note", notes)]
+        table = _make_table(title, wide, ends)
+        if _fits(console, table):
+            console.print(table)
+        else:
+            foot = _Footnotes()
+            keys = [_Col("optimizer", names), _Col("phase", [foot.mark(p, n) for p, n in zip(phases, notes)])]
+            values = [_Col("optimkit default", ours), _Col("anchor", anchors), _Col("anchor ms", theirs),
+                      _Col("ratio", ratios), _Col("target", targets)]
+            if len(_pack(console, keys, values, ends)) > 1:  # the times side by side
+                values[1:3] = values[2:0:-1]
+            console.print("ms/step over windows: mean / median / max; ratio = optimkit mean / anchor mean",
+                          highlight=False)
+            _print_split(console, _set_title(set_name, smeta), keys, values, ends)
+            foot.print(console)
     _print_failures(report, console)
