@@ -146,3 +146,81 @@ def test_parameter_data_replaced_by_another_shape(cls, impl, shape):
     msg = _twin_run(cls, impl, fault)
     assert cls.__name__ in msg and "param group 1" in msg, msg
     assert "shape" in msg and "nothing was changed" in msg, msg
+
+
+# ------------------------------------- tensor hyperparameters are read as Python floats
+TENSOR_CASES = [pytest.param(i, impl, arg, id=f"{i.name}-{impl}-{arg}") for i in OPTIMS
+                for impl in ("default", *i.impls) for arg in i.ranges]
+
+
+@pytest.mark.parametrize("info,impl,arg", TENSOR_CASES)
+def test_tensor_hyperparameter_steps_as_its_float(info, impl, arg):
+    """Every numeric hyperparameter may be a 1-element tensor (also one that requires grad,
+    or a float32 one); each step reads it as a Python float, so the run equals the same run
+    with ``float(tensor)``, bit for bit, on every implementation. Some paths once handed the
+    tensor itself to torch's fused kernels, which refuse a tensor that requires grad
+    (part-way through the step) and round a float32 one differently."""
+    flags = {} if impl == "default" else IMPL_FLAGS[impl]
+    base = dict(momentum=0.9) if info.name == "SGD" else {}
+    value = {**base, **info.second_group}.get(arg)
+    if value is None:  # a value inside the range that is not the default
+        rng = info.ranges[arg]
+        value = 0.5 if rng.hi <= 1 and arg != "dampening" else 0.05
+        if arg == "dampening":
+            value = 0.1
+    if arg == "dampening":
+        base = dict(momentum=0.9)
+    for t in (torch.tensor(value, dtype=torch.float64, requires_grad=True),
+              torch.tensor(value, dtype=torch.float32)):
+        runs = []
+        for v in (t, t.item()):
+            g = torch.Generator().manual_seed(0)
+            ps = [torch.nn.Parameter(torch.randn(4, 3, generator=g)),
+                  torch.nn.Parameter(torch.randn(5, generator=g))]
+            opt = info.cls([{"params": ps[:1]}, {"params": ps[1:], arg: v}], **base, **flags)
+            for s in range(3):
+                _grads(ps, s)
+                opt.step()
+            runs.append(ps)
+        for a, b in zip(*runs):
+            assert harness.bitwise_equal(a.detach(), b.detach()), (arg, t)
+
+
+@pytest.mark.parametrize("info", [pytest.param(i, id=i.name) for i in OPTIMS])
+def test_implementation_flags_edited_after_construction(info):
+    """``foreach``/``fused``/``capturable``/``differentiable`` written into a group after
+    construction are checked at step() as at construction, before anything is written."""
+    bad = [("foreach", "yes"), ("foreach", torch.tensor([1.0, 2.0])),
+           ("capturable", True), ("differentiable", True),
+           ("capturable", torch.tensor([1.0, 2.0]))]
+    if info.cls._fused_in_group:
+        bad += [("fused", "yes"), ("fused", torch.tensor([1.0, 2.0]))]
+        if not info.cls._has_fused:
+            bad.append(("fused", True))
+    for key, v in bad:
+        ps, opt = _setup(info.cls, "default")
+        _grads(ps, 1)
+        opt.step()
+        _grads(ps, 2)
+        opt.param_groups[1][key] = v
+        before = harness.snapshot(opt)
+        with pytest.raises(ValueError, match=rf"{info.name}: .*{key}.*param group 1, at step\(\); "
+                           "nothing was changed"):
+            opt.step()
+        harness.assert_unchanged(opt, before)
+
+
+def test_prodigy_slice_p_changed_after_state():
+    """Prodigy's ``s`` holds every ``slice_p``-th element: a slice_p changed after the state
+    was created no longer fits it; refused before anything is written."""
+    ps, opt = _setup(optimkit.Prodigy, "default")
+    _grads(ps, 1)
+    opt.step()
+    _grads(ps, 2)
+    for g in opt.param_groups:
+        g["slice_p"] = 2
+    before = harness.snapshot(opt)
+    with pytest.raises(RuntimeError, match=r"Prodigy: state 's' of parameter 0 in param group 0 "
+                       r"has shape \(12,\), expected \(6,\)"):
+        opt.step()
+    harness.assert_unchanged(opt, before)

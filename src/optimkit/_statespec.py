@@ -56,7 +56,8 @@ def check_state_shapes(opt: OptimizerBase, gi: int, group: dict[str, Any],
     ``_state_spec`` declares: its ``.data`` was replaced by a tensor of another shape after
     the state was created (pruning, a resized embedding written into the same Parameter).
     torch.optim fails part-way through such a step, with the earlier groups already stepped.
-    ``step()`` calls this only when a group's parameter shapes differ from its last step's."""
+    ``step()`` calls this only when a group's parameter shapes (or ``_state_layout``) differ
+    from its last step's."""
     for p, st in zip(params, states):
         if not st:
             continue
@@ -70,6 +71,7 @@ def check_state_shapes(opt: OptimizerBase, gi: int, group: dict[str, Any],
                 raise RuntimeError(
                     f"{type(opt).__name__}: state {key!r} of parameter {pi} in param group "
                     f"{gi} has shape {tuple(v.shape)}, expected {want} for the parameter's "
-                    f"shape {tuple(p.shape)} (its data was replaced by a tensor of another "
-                    "shape after the state was created); nothing was changed. Build a new "
-                    "optimizer for the new shapes, or drop that state with del opt.state[p]")
+                    f"shape {tuple(p.shape)} (the parameter's data was replaced by a tensor of "
+                    "another shape, or a setting the state's layout depends on changed, after "
+                    "the state was created); nothing was changed. Build a new optimizer for "
+                    "the new shapes, or drop that state with del opt.state[p]")

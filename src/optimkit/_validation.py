@@ -64,6 +64,12 @@ def _as_real(owner: str, name: str, value: Any, expected: Callable[[], str]) -> 
         return math.inf if value > 0 else -math.inf
 
 
+def scalar(value: Any) -> float:
+    """A (validated) numeric hyperparameter as a Python float, as every step reads it: a
+    tensor through ``.item()`` (``float()`` warns for one that requires grad)."""
+    return value.item() if isinstance(value, torch.Tensor) else float(value)
+
+
 def check_range(
     owner: str,
     name: str,
@@ -172,9 +178,9 @@ def check_fits_dtypes(owner: str, group: dict[str, Any], keys: tuple[str, ...],
         v = group.get(k)
         if v is None or type(v) is bool:
             continue
-        x, shown = abs(float(v)), k  # range-checked already: a number or a 1-element tensor
+        x, shown = abs(scalar(v)), k  # range-checked already: a number or a 1-element tensor
         if k == "weight_decay" and group.get("decoupled_weight_decay") is True:
-            x, shown = x * abs(float(group["lr"])), "lr * weight_decay"
+            x, shown = x * abs(scalar(group["lr"])), "lr * weight_decay"
         if x > _FITS_EVERY_DTYPE:
             big.append((k, v, shown, x))
     if not big:
@@ -195,3 +201,19 @@ def _fmt(x: float) -> str:
     if float(x).is_integer():
         return str(int(x))
     return repr(x)
+
+
+def refuse_unsupported(owner: str, group: dict[str, Any]) -> None:
+    """Refuse torch.optim flags optimkit does not implement (``capturable``, ``differentiable``)."""
+    for flag in ("capturable", "differentiable"):
+        v = group.get(flag)
+        try:
+            on = bool(v)
+        except (RuntimeError, ValueError, TypeError):  # e.g. a 2-element tensor
+            fail(owner, flag, v, "False (optimkit supports neither capturable nor "
+                 "differentiable steps)")
+        if on:
+            raise ValueError(
+                f"{owner}: {flag}=True is not supported by optimkit; use torch.optim.{owner} "
+                "if you need it"
+            )

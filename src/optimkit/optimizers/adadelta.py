@@ -27,7 +27,7 @@ from .. import _compiled
 from .. import _torch_compat as tc
 from .._base import PARAM_SHAPE, SCALAR, GroupWork, OptimizerBase, ParamsT
 from .._impl import group_by_device_dtype
-from .._validation import check_bool, check_eps, check_finite_nonnegative, check_range
+from .._validation import scalar, check_bool, check_eps, check_finite_nonnegative, check_range
 
 
 class Adadelta(OptimizerBase):
@@ -113,8 +113,8 @@ class Adadelta(OptimizerBase):
     def _update(self, work: GroupWork) -> None:
         g = work.group
         hp = dict(
-            lr=float(g["lr"]), rho=g["rho"], eps=g["eps"],
-            weight_decay=float(g["weight_decay"]), maximize=g["maximize"],
+            lr=scalar(g["lr"]), rho=scalar(g["rho"]), eps=scalar(g["eps"]),
+            weight_decay=scalar(g["weight_decay"]), maximize=g["maximize"],
         )
         steps = [s["step"] for s in work.states]
         square_avgs = [s["square_avg"] for s in work.states]

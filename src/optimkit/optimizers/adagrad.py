@@ -29,7 +29,7 @@ from torch import Tensor
 from .. import _torch_compat as tc
 from .._base import PARAM_SHAPE, SCALAR, GroupWork, OptimizerBase, ParamsT
 from .._impl import group_by_device_dtype
-from .._validation import check_bool, check_eps, check_finite_nonnegative
+from .._validation import scalar, check_bool, check_eps, check_finite_nonnegative
 
 
 class Adagrad(OptimizerBase):
@@ -122,7 +122,7 @@ class Adagrad(OptimizerBase):
     def _init_state(self, group: dict[str, Any], p: Tensor, state: dict[str, Any]) -> None:
         state["step"] = torch.tensor(0.0, dtype=tc.scalar_dtype())
         state["sum"] = torch.full_like(
-            p, group["initial_accumulator_value"], memory_format=torch.preserve_format
+            p, scalar(group["initial_accumulator_value"]), memory_format=torch.preserve_format
         )
 
     def _state_spec(self, group: dict[str, Any], p: Tensor) -> dict[str, Any]:
@@ -145,8 +145,8 @@ class Adagrad(OptimizerBase):
     def _update(self, work: GroupWork) -> None:
         g = work.group
         hp = dict(
-            lr=float(g["lr"]), lr_decay=g["lr_decay"], weight_decay=float(g["weight_decay"]),
-            eps=g["eps"], maximize=g["maximize"],
+            lr=scalar(g["lr"]), lr_decay=scalar(g["lr_decay"]), weight_decay=scalar(g["weight_decay"]),
+            eps=scalar(g["eps"]), maximize=g["maximize"],
         )
         sums = [s["sum"] for s in work.states]
         steps = [s["step"] for s in work.states]

@@ -42,7 +42,7 @@ from .. import _torch_compat as tc
 from .._base import PARAM_SHAPE, SCALAR, GroupWork, OptimizerBase, ParamsT, _materialize_params
 from .._impl import _large_cpu_tensors, group_by_device_dtype, same_dtypes
 from .._rounding import LowPrecisionStateMixin, chunk_budget, chunks, compute_dtype
-from .._validation import check_betas, check_bool, check_eps, check_finite_nonnegative
+from .._validation import scalar, check_betas, check_bool, check_eps, check_finite_nonnegative
 
 
 class Adam(LowPrecisionStateMixin, OptimizerBase):
@@ -184,10 +184,10 @@ class Adam(LowPrecisionStateMixin, OptimizerBase):
 
     def _update(self, work: GroupWork) -> None:
         g = work.group
-        beta1, beta2 = (float(b) for b in g["betas"])
+        beta1, beta2 = (scalar(b) for b in g["betas"])
         hp = dict(
-            lr=float(g["lr"]), beta1=beta1, beta2=beta2, eps=float(g["eps"]),
-            weight_decay=float(g["weight_decay"]), amsgrad=g["amsgrad"], maximize=g["maximize"],
+            lr=scalar(g["lr"]), beta1=beta1, beta2=beta2, eps=scalar(g["eps"]),
+            weight_decay=scalar(g["weight_decay"]), amsgrad=g["amsgrad"], maximize=g["maximize"],
             decoupled_weight_decay=g["decoupled_weight_decay"],
         )
         maxes = None

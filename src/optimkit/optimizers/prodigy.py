@@ -122,7 +122,7 @@ from torch import Tensor
 
 from .._base import ANY, PARAM_SHAPE, SCALAR, GroupWork, OptimizerBase, ParamsT
 from .._rounding import LowPrecisionStateMixin
-from .._validation import check_betas, check_bool, check_range, fail, fail_type
+from .._validation import check_betas, check_bool, check_range, fail, fail_type, scalar
 from ._prodigy.checkpoint import CheckpointMixin
 from ._prodigy.common import (_LOW_PRECISION, _dtensor_sliced, _effective_lr, _is_dtensor,
                               _local, _max_abs, _stat_dtype, _write_back)
@@ -328,8 +328,8 @@ class Prodigy(PathsMixin, ShardingMixin, NonFiniteMixin, CheckpointMixin, Groups
                 fail_type(n, "d_limit", dl, "d_limit > 0 or None")
             if not dl > 0:  # NaN included
                 fail(n, "d_limit", dl, "d_limit > 0 or None")
-            if dl < float(g["d0"]):
-                fail(n, "d_limit", dl, f"d_limit >= d0 (= {float(g['d0'])!r}) or None")
+            if dl < scalar(g["d0"]):
+                fail(n, "d_limit", dl, f"d_limit >= d0 (= {scalar(g['d0'])!r}) or None")
         fs = g["d_freeze_step"]
         if fs is not None and (isinstance(fs, bool) or not isinstance(fs, int) or fs < 0):
             fail(n, "d_freeze_step", fs, "an int >= 0 (the step from which d stops updating) "
@@ -361,7 +361,7 @@ class Prodigy(PathsMixin, ShardingMixin, NonFiniteMixin, CheckpointMixin, Groups
             # prodigyopt under FSDP stores these as tensors; plain floats from here on
             for key in FLOAT_SCALARS:
                 if isinstance(g.get(key), Tensor):
-                    g[key] = float(g[key])
+                    g[key] = scalar(g[key])
             g["k"] = int(g["k"])
             g["skipped_steps"] = int(g["skipped_steps"])
             g["effective_lr"] = _effective_lr(g)
@@ -392,7 +392,7 @@ class Prodigy(PathsMixin, ShardingMixin, NonFiniteMixin, CheckpointMixin, Groups
             # float32 p0 with bf16 s/m/v -> 0.987 (float32 state: 0.983).
             state["p0"] = torch.empty(sliced.shape, dtype=_stat_dtype(pl), device=pl.device)
             state["p0"].copy_(sliced)  # contiguous even when the slice is strided
-        if float(group["betas"][0]) > 0:
+        if scalar(group["betas"][0]) > 0:
             state["exp_avg"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
         state["exp_avg_sq"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
         self._fresh.append((p, state))
@@ -401,7 +401,7 @@ class Prodigy(PathsMixin, ShardingMixin, NonFiniteMixin, CheckpointMixin, Groups
         n = p.numel()
         s_shape = ANY if _is_dtensor(p) else (-(-n // group["slice_p"]),)
         spec: dict[str, Any] = {"step": SCALAR, "s": s_shape, "p0": ANY, "exp_avg_sq": PARAM_SHAPE}
-        if float(group["betas"][0]) > 0:
+        if scalar(group["betas"][0]) > 0:
             spec["exp_avg"] = PARAM_SHAPE
         return spec
 
@@ -414,6 +414,9 @@ class Prodigy(PathsMixin, ShardingMixin, NonFiniteMixin, CheckpointMixin, Groups
                     "sharded (DTensor / FSDP): their d sums must be all-reduced; drop "
                     "independent_ranks")
         return super()._gather(gi, group)
+
+    def _state_layout(self, group: dict[str, Any]) -> Any:
+        return group["slice_p"]  # s holds every slice_p-th element
 
     def _mixed_dtype_ok(self, group: dict[str, Any]) -> bool:
         # A model moved to another dtype after construction keeps training: its state is
@@ -473,8 +476,8 @@ class Prodigy(PathsMixin, ShardingMixin, NonFiniteMixin, CheckpointMixin, Groups
                 e.pieces.append(self._phase1(w, e.beta3, e.d, e.dlr, fast=fast, compiled=comp))
             # Bounds the overflow checks need beyond max |g| (decided from every group's
             # hyperparameters, not from which groups have gradients here: the same on every rank)
-            need_p = any((not g["decouple"] and float(g["weight_decay"]) > 0)
-                         or (g["decouple"] and float(g["weight_decay"]) * e.dlr > 2)
+            need_p = any((not g["decouple"] and scalar(g["weight_decay"]) > 0)
+                         or (g["decouple"] and scalar(g["weight_decay"]) * e.dlr > 2)
                          for g in e.live)
             e.pmax = _max_abs([_local(p) for w in e.active for p in w.params]) if need_p else None
             e.smax = self._s_max_fp16(e.active, e.beta3, e.d, e.dlr)
@@ -497,17 +500,17 @@ class Prodigy(PathsMixin, ShardingMixin, NonFiniteMixin, CheckpointMixin, Groups
                 return
             update = den != 0.0  # no gradient signal yet: prodigyopt keeps s, m, v, returns
             d_new, d_max = e.d, e.d_max
-            d_numerator, d_hat = float(g0["d_numerator"]), float(g0["d_hat"])
+            d_numerator, d_hat = scalar(g0["d_numerator"]), scalar(g0["d_hat"])
             if update:
                 # ---- d update (host floats)
                 d_numerator = d_numerator * e.beta3 + delta
-                d_hat = float(g0["d_coef"]) * d_numerator / den
+                d_hat = scalar(g0["d_coef"]) * d_numerator / den
                 if e.d == e.d0 and not g0["strict_growth"]:
                     d_new = max(e.d, d_hat)
                 d_max = max(d_max, d_hat)
-                d_new = min(d_max, d_new * float(g0["growth_rate"]))
+                d_new = min(d_max, d_new * scalar(g0["growth_rate"]))
                 if g0["d_limit"] is not None:
-                    d_new = min(d_new, float(g0["d_limit"]))  # the cap
+                    d_new = min(d_new, scalar(g0["d_limit"]))  # the cap
                 if g0["d_freeze_step"] is not None and e.k >= g0["d_freeze_step"]:
                     d_new = e.d  # frozen: the statistics go on, d does not move
             problem = _output_problem(

@@ -49,7 +49,7 @@ from torch import Tensor
 from .. import _torch_compat as tc
 from .._base import PARAM_SHAPE, SCALAR, GroupWork, OptimizerBase, ParamsT
 from .._impl import group_by_device_dtype
-from .._validation import check_betas, check_bool, check_eps, check_finite_nonnegative
+from .._validation import scalar, check_betas, check_bool, check_eps, check_finite_nonnegative
 from .adam import _as_tuple, adam_moments_, adam_moments_foreach_, advance_steps
 
 
@@ -137,10 +137,10 @@ class RAdam(OptimizerBase):
 
     def _update(self, work: GroupWork) -> None:
         g = work.group
-        beta1, beta2 = (float(b) for b in g["betas"])
+        beta1, beta2 = (scalar(b) for b in g["betas"])
         hp = dict(
-            lr=float(g["lr"]), beta1=beta1, beta2=beta2, eps=float(g["eps"]),
-            weight_decay=float(g["weight_decay"]), maximize=g["maximize"],
+            lr=scalar(g["lr"]), beta1=beta1, beta2=beta2, eps=scalar(g["eps"]),
+            weight_decay=scalar(g["weight_decay"]), maximize=g["maximize"],
             decoupled_weight_decay=g["decoupled_weight_decay"],
         )
         fn = {"reference": radam_reference, "foreach": radam_foreach, "fused": radam_fused}[work.impl]

@@ -36,7 +36,7 @@ from .. import _compiled
 from .. import _torch_compat as tc
 from .._base import PARAM_SHAPE, SCALAR, GroupWork, OptimizerBase, ParamsT
 from .._impl import group_by_device_dtype
-from .._validation import check_bool, check_eps, check_finite_nonnegative, check_range
+from .._validation import scalar, check_bool, check_eps, check_finite_nonnegative, check_range
 from ._prodigy.nonfinite import _caller_level
 
 #: elements of the fused path's scratch first-moment buffer per (device, dtype): small enough
@@ -180,8 +180,8 @@ class RMSprop(OptimizerBase):
     def _update(self, work: GroupWork) -> None:
         g = work.group
         hp = dict(
-            lr=float(g["lr"]), alpha=g["alpha"], eps=g["eps"],
-            weight_decay=float(g["weight_decay"]), momentum=g["momentum"], maximize=g["maximize"],
+            lr=scalar(g["lr"]), alpha=scalar(g["alpha"]), eps=scalar(g["eps"]),
+            weight_decay=scalar(g["weight_decay"]), momentum=scalar(g["momentum"]), maximize=g["maximize"],
         )
         use_buf, centered = g["momentum"] > 0, g["centered"]
         for s, p in zip(work.states, work.params) if use_buf or centered else ():
@@ -217,7 +217,7 @@ class RMSprop(OptimizerBase):
 def _fused_eligible(group: dict[str, Any]) -> bool:
     """Plain RMSprop maps onto the fused Adam kernel; centered / momentum do not. (alpha=1,
     refused by validation, would make the kernel's second bias correction 1 - 1**t = 0.)"""
-    return not group["centered"] and group["momentum"] == 0 and float(group["alpha"]) < 1
+    return not group["centered"] and group["momentum"] == 0 and scalar(group["alpha"]) < 1
 
 
 # ---------------------------------------------------------------------------------- math

@@ -26,7 +26,7 @@ from .. import _torch_compat as tc
 from .._base import PARAM_SHAPE, GroupWork, OptimizerBase, ParamsT
 from .._impl import group_by_device_dtype
 from .._step import IS_NONE
-from .._validation import check_bool, check_finite_nonnegative, check_range
+from .._validation import scalar, check_bool, check_finite_nonnegative, check_range
 
 
 class SGD(OptimizerBase):
@@ -123,7 +123,7 @@ class SGD(OptimizerBase):
             if self._fused_flag(group):
                 raise RuntimeError(f"{n}: fused=True does not support sparse gradients "
                                    f"(param group {gi}); leave fused unset for this group")
-            if float(group["weight_decay"]) != 0:
+            if scalar(group["weight_decay"]) != 0:
                 raise RuntimeError(
                     f"{n}: weight_decay={group['weight_decay']!r} is not compatible with sparse "
                     f"gradients (param group {gi}): the L2 term is dense. Put the sparse "
@@ -135,8 +135,8 @@ class SGD(OptimizerBase):
     def _update(self, work: GroupWork) -> None:
         g = work.group
         hp = dict(
-            lr=float(g["lr"]), momentum=g["momentum"], dampening=g["dampening"],
-            weight_decay=float(g["weight_decay"]), nesterov=g["nesterov"], maximize=g["maximize"],
+            lr=scalar(g["lr"]), momentum=scalar(g["momentum"]), dampening=scalar(g["dampening"]),
+            weight_decay=scalar(g["weight_decay"]), nesterov=g["nesterov"], maximize=g["maximize"],
         )
         use_buf = g["momentum"] != 0
         bufs = [s.get("momentum_buffer") for s in work.states] if use_buf else None

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from ..._impl import group_by_device_dtype
 from ..._rounding import stochastic_round_
+from ..._validation import scalar
 
 try:  # DTensor (FSDP2) is optional: torch builds without distributed lack it
     import torch.distributed as dist  # noqa: F401 (re-exported for sharding.py)
@@ -32,13 +33,13 @@ def _write_back(p: Tensor, value: Tensor, stochastic: bool) -> None:
 def _bias_correction(group: dict[str, Any], k: int) -> float:
     if not group["use_bias_correction"]:
         return 1.0
-    beta1, beta2 = (float(b) for b in group["betas"])
+    beta1, beta2 = (scalar(b) for b in group["betas"])
     return ((1 - beta2 ** (k + 1)) ** 0.5) / (1 - beta1 ** (k + 1))
 
 
 def _effective_lr(group: dict[str, Any]) -> float:
     """The multiplier the next step applies: d * lr * bias_correction (0 for a frozen group)."""
-    return float(group["d"]) * float(group["lr"]) * _bias_correction(group, int(group["k"]))
+    return scalar(group["d"]) * scalar(group["lr"]) * _bias_correction(group, int(group["k"]))
 
 
 def _local(t: Tensor) -> Tensor:

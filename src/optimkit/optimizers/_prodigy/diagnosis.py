@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from ..._validation import scalar
 from .common import _bias_correction, _local
 from .nonfinite import _caller_level
 
@@ -74,7 +75,7 @@ class Diagnosis:
 
     def check_lr(self, owner: str, groups: list[dict[str, Any]]) -> None:
         """At construction: warn once when a group's lr is far below 1."""
-        lrs = [float(g["lr"]) for g in groups]
+        lrs = [scalar(g["lr"]) for g in groups]
         small = [lr for lr in lrs if 0 < lr < LR_WARN]
         if not small:
             return
@@ -119,9 +120,9 @@ class Diagnosis:
     # ------------------------------------------------------------------ messages
     def _stuck_message(self, owner: str, opt: Any, e: Any, tr: _Track) -> str:
         g0 = e.groups[0]
-        eps = float(g0["eps"])
+        eps = scalar(g0["eps"])
         bc = _bias_correction(g0, e.k)
-        head = (f"{owner}: d is still d0={e.d0:g} (d={float(g0['d']):.3g}) after {tr.stuck} "
+        head = (f"{owner}: d is still d0={e.d0:g} (d={scalar(g0['d']):.3g}) after {tr.stuck} "
                 f"steps with non-zero gradients{_which(opt, e)}: Prodigy is not adapting. "
                 "Likely cause: ")
         if g0["safeguard_warmup"] and tr.first_lr < 0.5 * e.lr:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ..._base import GroupWork
+from ..._validation import scalar
 from .common import _bias_correction, _effective_lr, _norm
 
 #: read from group 0 by prodigyopt; without split_groups they must agree across groups
@@ -48,7 +49,7 @@ def check_groups(owner: str, groups: list[dict[str, Any]]) -> None:
                 )
     if split:
         return
-    lrs = [float(g["lr"]) for g in groups]
+    lrs = [scalar(g["lr"]) for g in groups]
     nonzero = sorted({lr for lr in lrs if lr != 0.0})
     if len(nonzero) > 1:
         raise ValueError(
@@ -70,15 +71,15 @@ class Estimate:
     def __init__(self, groups: list[dict[str, Any]], works: list[GroupWork]) -> None:
         g0 = groups[0]
         self.groups, self.works = groups, works
-        self.beta1, self.beta2 = (float(b) for b in g0["betas"])
-        self.beta3 = float(g0["beta3"]) if g0["beta3"] is not None else math.sqrt(self.beta2)
-        self.k, self.d = int(g0["k"]), float(g0["d"])
-        self.d_max, self.d0 = float(g0["d_max"]), float(g0["d0"])
-        self.lr = max(float(g["lr"]) for g in groups)
+        self.beta1, self.beta2 = (scalar(b) for b in g0["betas"])
+        self.beta3 = scalar(g0["beta3"]) if g0["beta3"] is not None else math.sqrt(self.beta2)
+        self.k, self.d = int(g0["k"]), scalar(g0["d"])
+        self.d_max, self.d0 = scalar(g0["d_max"]), scalar(g0["d0"])
+        self.lr = max(scalar(g["lr"]) for g in groups)
         self.dlr = self.d * self.lr * _bias_correction(g0, self.k)  # this step's multiplier
         self.c_num = (self.d / self.d0) * self.dlr  # the numerator's per-step scale
         self.active = [w for w in works if w.params and float(w.group["lr"]) > 0]
-        self.live = [g for g in groups if float(g["lr"]) > 0]
+        self.live = [g for g in groups if scalar(g["lr"]) > 0]
         self.pieces: list[tuple[Any, Any, Any]] = []
         self.pmax = self.smax = None
         self.fast: dict[int, bool] = {}
@@ -96,8 +97,8 @@ def n_live_estimates(groups: list[dict[str, Any]]) -> int:
     """How many estimates take part in this step's collective (decided from group values
     every rank shares)."""
     if groups and groups[0].get("split_groups"):
-        return sum(float(g["lr"]) > 0 for g in groups)
-    return int(any(float(g["lr"]) > 0 for g in groups))
+        return sum(scalar(g["lr"]) > 0 for g in groups)
+    return int(any(scalar(g["lr"]) > 0 for g in groups))
 
 
 class GroupsMixin:
@@ -119,7 +120,7 @@ class GroupsMixin:
                 if type(g.get("lr")) in (float, int) and "d" in g and "k" in g:
                     try:
                         g["effective_lr"] = _effective_lr(g)
-                    except (TypeError, ValueError, ZeroDivisionError, OverflowError):
+                    except (TypeError, ValueError, RuntimeError, ZeroDivisionError, OverflowError):
                         pass  # an invalid value: step() refuses it, naming it
         return groups
 

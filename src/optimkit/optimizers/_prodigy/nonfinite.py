@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ..._base import GroupWork
+from ..._validation import scalar
 from .common import _local, _max_abs, _sliced_local
 
 
@@ -115,7 +116,7 @@ def _input_problem(ests: list[Any], narrow_is_float32: Callable[[list[GroupWork]
         lim = _limits(narrow_is_float32(e.active))
         name = str(lim.dtype).replace("torch.", "")
         for g in e.live:
-            coupled = 0.0 if g["decouple"] else float(g["weight_decay"])
+            coupled = 0.0 if g["decouple"] else scalar(g["weight_decay"])
             warm = g["safeguard_warmup"]
             c_s = (e.d / e.d0) * (e.d if warm else e.dlr)
             for key, v in (("weight_decay", coupled),
@@ -156,7 +157,7 @@ def _output_problem(groups: list[dict[str, Any]], *, decouple: bool, update: boo
             return f"the d update gives d={d_new!r}; d must stay > 0"
     big = lim.max
     for g in groups:
-        wd, eps = float(g["weight_decay"]), float(g["eps"])
+        wd, eps = scalar(g["weight_decay"]), scalar(g["eps"])
         c_s = (d / d0) * d if g["safeguard_warmup"] else (d / d0) * dlr
         coupled = 0.0 if decouple else wd
         scal = {"d / d0": d / d0, "dlr = d * lr * bias_correction": dlr, "c_s": c_s,

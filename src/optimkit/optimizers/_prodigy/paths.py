@@ -13,6 +13,7 @@ from torch import Tensor
 from ... import _compiled
 from ..._base import GroupWork
 from ..._rounding import chunk_budget, chunks
+from ..._validation import scalar
 from .common import _local, _sliced_local, _stat_dtype
 from .compiled import prodigy_apply_compiled, prodigy_stats_compiled
 from .foreach import _CHUNK_BYTES, _CHUNK_BYTES_DEFAULT, prodigy_apply_foreach, prodigy_stats_foreach
@@ -51,11 +52,11 @@ class PathsMixin:
 
     def _s_hp(self, grp: dict[str, Any], beta3: float, d: float, dlr: float) -> dict[str, Any]:
         """The s-update hyperparameters of one group: s' = beta3 * s + c_s * g_sl."""
-        d0 = float(grp["d0"])
+        d0 = scalar(grp["d0"])
         return dict(
             slice_p=grp["slice_p"], beta3=beta3,
             c_s=(d / d0) * d if grp["safeguard_warmup"] else (d / d0) * dlr,
-            coupled_wd=0.0 if grp["decouple"] else float(grp["weight_decay"]),
+            coupled_wd=0.0 if grp["decouple"] else scalar(grp["weight_decay"]),
         )
 
     def _fast(self, w: GroupWork, beta1: float) -> bool:
@@ -117,8 +118,8 @@ class PathsMixin:
                 [st["exp_avg"] for st in w.states] if beta1 > 0 else None,
                 [st["exp_avg_sq"] for st in w.states],
                 **self._s_hp(grp, beta3, d, dlr), beta1=beta1, beta2=beta2, d=d, d_new=d_new,
-                dlr=dlr, eps=float(grp["eps"]),
-                decoupled_wd=float(grp["weight_decay"]) if decouple else 0.0,
+                dlr=dlr, eps=scalar(grp["eps"]),
+                decoupled_wd=scalar(grp["weight_decay"]) if decouple else 0.0,
             )
             return
         if update_params and fast and _FAST_D_RANGE[0] < d < _FAST_D_RANGE[1]:
@@ -127,8 +128,8 @@ class PathsMixin:
                 w.params, w.grads, [st["s"] for st in w.states],
                 [st["exp_avg"] for st in w.states], [st["exp_avg_sq"] for st in w.states],
                 **self._s_hp(grp, beta3, d, dlr), beta1=beta1, beta2=beta2, d=d, d_new=d_new,
-                dlr=dlr, eps=float(grp["eps"]),
-                decoupled_wd=float(grp["weight_decay"]) if decouple else 0.0,
+                dlr=dlr, eps=scalar(grp["eps"]),
+                decoupled_wd=scalar(grp["weight_decay"]) if decouple else 0.0,
                 scratch=self._phase2_scratch(w.params[0]),
             )
             return
@@ -146,8 +147,8 @@ class PathsMixin:
             [_local(st["exp_avg"]) for st in w.states] if beta1 > 0 else None,
             [_local(st["exp_avg_sq"]) for st in w.states],
             **self._s_hp(grp, beta3, d, dlr),
-            beta1=beta1, beta2=beta2, d=d, d_new=d_new, dlr=dlr, eps=float(grp["eps"]),
-            decoupled_wd=float(grp["weight_decay"]) if grp["decouple"] else 0.0,
+            beta1=beta1, beta2=beta2, d=d, d_new=d_new, dlr=dlr, eps=scalar(grp["eps"]),
+            decoupled_wd=scalar(grp["weight_decay"]) if grp["decouple"] else 0.0,
             stochastic_rounding=grp["stochastic_rounding"], update_params=update_params,
         )
 
@@ -159,7 +160,7 @@ class PathsMixin:
         draws the same random numbers."""
         grp = w.group
         sp = grp["slice_p"]
-        decoupled = float(grp["weight_decay"]) if grp["decouple"] else 0.0
+        decoupled = scalar(grp["weight_decay"]) if grp["decouple"] else 0.0
         params = [_local(p) for p in w.params]
         stored = {"s": [_sliced_local(st["s"], p, sp) for p, st in zip(w.params, w.states)],
                   "exp_avg_sq": [_local(st["exp_avg_sq"]) for st in w.states]}
@@ -170,7 +171,7 @@ class PathsMixin:
             work = {k: [t.to(c) for t, c in zip(v[lo:hi], cds)] for k, v in stored.items()}
             fn(params[lo:hi], [_local(g) for g in w.grads[lo:hi]], work["s"],
                work.get("exp_avg"), work["exp_avg_sq"], **self._s_hp(grp, beta3, d, dlr),
-               beta1=beta1, beta2=beta2, d=d, d_new=d_new, dlr=dlr, eps=float(grp["eps"]),
+               beta1=beta1, beta2=beta2, d=d, d_new=d_new, dlr=dlr, eps=scalar(grp["eps"]),
                decoupled_wd=decoupled, stochastic_rounding=grp["stochastic_rounding"],
                update_params=update_params)
             for i in range(hi - lo):
