@@ -110,10 +110,11 @@ def test_explain_lists_every_hyperparam(name, capsys):
     spec = REGISTRY[name]
     assert main(["explain", name]) == 0
     out = capsys.readouterr().out
-    assert out.startswith(f"{name}: {spec.description}")
+    flat = " ".join(out.split())  # (lines are wrapped to the terminal's width)
+    assert out.startswith(f"{name}: ") and flat.startswith(" ".join(f"{name}: {spec.description}".split()))
     for hp in spec.hyperparams:
-        assert f"  {hp.name} = {default_text(hp.default)}    valid: {hp.valid}" in out
-    assert spec.update_rule.splitlines()[0] in out
+        assert " ".join(f"{hp.name} = {default_text(hp.default)}    valid: {hp.valid}".split()) in flat
+    assert " ".join(spec.update_rule.splitlines()[0].split()) in flat
     md = render_markdown(spec)
     for hp in spec.hyperparams:
         assert f"| `{hp.name}` |" in md
@@ -260,3 +261,25 @@ def test_no_tuning_cli_and_explain_show_the_table(capsys):
     assert main(["explain", "prodigy"]) == 0
     out = capsys.readouterr().out
     assert "Zero-tuning presets" in out and "gap = (L_preset - L_best) / (L_init - L_best)" in out
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_explain_fits_the_terminal_and_loses_no_word(name):
+    """``optimkit explain`` at 80 and 100 columns: no line wider than the terminal, and the
+    same words (bar the ``;`` between two statements of a rule line and the ``|`` between the
+    two "Try it" commands, which become line breaks) as a wide rendering, in order."""
+    spec = get_spec(name)
+    wide = [w for w in render_text(spec, width=400).split() if w not in (";", "|")]
+    for width in (80, 100):
+        text = render_text(spec, width=width)
+        long = [line for line in text.splitlines() if len(line) > width]
+        assert not long, (width, long)
+        assert [w for w in text.split() if w not in (";", "|")] == wide
+
+
+def test_explain_follows_columns(monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "80")
+    assert main(["explain", "adamw"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert max(map(len, lines)) <= 80
+    assert any("(decoupled, AdamW / decoupled_weight_decay=True)" in line for line in lines)

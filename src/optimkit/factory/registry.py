@@ -318,7 +318,7 @@ theta <- theta - clr * g / (sqrt(sum) + eps)""",
 g <- grad + weight_decay * theta                (-grad if maximize)
 v <- alpha * v + (1 - alpha) * g^2
 gbar <- alpha * gbar + (1 - alpha) * g          (centered only)
-denom = sqrt(v - gbar^2) + eps   if centered else   sqrt(v) + eps
+denom = sqrt(max(v - gbar^2, 0)) + eps   if centered else   sqrt(v) + eps
 b <- momentum * b + g / denom ;  theta <- theta - lr * b     if momentum > 0
 theta <- theta - lr * g / denom                               otherwise""",
         tuning="lr 1e-4..1e-2 (1e-3 a good start); keep alpha 0.99; momentum 0.9 helps sometimes.",
@@ -409,7 +409,8 @@ m <- beta1 * m + (1 - beta1) * g ;  v <- beta2 * v + (1 - beta2) * g^2
 m_hat = m / (1 - beta1^t)
 rho_inf = 2 / (1 - beta2) - 1 ;  rho_t = rho_inf - 2 t beta2^t / (1 - beta2^t)
 if rho_t > 5:
-    r = sqrt((rho_t - 4)(rho_t - 2) rho_inf / ((rho_inf - 4)(rho_inf - 2) rho_t))
+    r = sqrt((rho_t - 4)(rho_t - 2) rho_inf
+             / ((rho_inf - 4)(rho_inf - 2) rho_t))
     theta <- theta - lr * r * m_hat * sqrt(1 - beta2^t) / (sqrt(v) + eps)
 else:
     theta <- theta - lr * m_hat                  (SGD-with-momentum steps during warm-up)""",
@@ -530,6 +531,7 @@ theta <- theta - lr * delta""",
                      "models), new architectures, quick baselines; matches tuned Adam often."),
         update_rule="""\
 dlr = d * lr * bc      (bc = sqrt(1 - beta2^t) / (1 - beta1^t) if use_bias_correction else 1)
+g <- grad + weight_decay * theta                         (decouple=False only)
 m <- beta1 * m + (1 - beta1) * d * g
 v <- beta2 * v + (1 - beta2) * d^2 * g^2
 r <- beta3 * r + (d / d0) * dlr * <g, x0 - x>            (summed over all parameters)

@@ -8,6 +8,8 @@ terminal, the docs and the code cannot disagree.
 
 from __future__ import annotations
 
+import re
+import shutil
 import textwrap
 from typing import Any
 
@@ -46,32 +48,76 @@ def _facts(spec: OptimizerSpec) -> list[tuple[str, str]]:
     ]
 
 
-def _wrap(text: str, indent: str, width: int = 92) -> str:
+def _wrap(text: str, indent: str, width: int = 92, sub: str | None = None) -> str:
+    """``text`` filled to ``width`` per paragraph (words are never split)."""
     return "\n".join(
-        textwrap.fill(p, width=width, initial_indent=indent, subsequent_indent=indent) for p in text.split("\n") if p
+        textwrap.fill(p, width=width, initial_indent=indent,
+                      subsequent_indent=indent if sub is None else sub,
+                      break_long_words=False, break_on_hyphens=False)
+        for p in text.split("\n") if p
     )
 
 
-def render_text(spec: OptimizerSpec) -> str:
-    """Plain-text explanation for the terminal."""
-    out = [f"{spec.name}: {spec.description}", ""]
+#: a rule line: the formula, two or more spaces, then a parenthesised comment
+_RULE_COMMENT = re.compile(r"^(\s*\S.*?)\s{2,}(\(.*\))$")
+
+
+def _rule_lines(rule: str, width: int) -> list[str]:
+    """The update rule, indented 4; a line too wide for ``width`` puts its trailing comment
+    on the next line(s), then splits at ``" ; "`` (the formulas themselves are never
+    re-flowed)."""
+    out = []
+    for line in rule.splitlines():
+        line = "    " + line
+        if len(line) > width:
+            m = _RULE_COMMENT.match(line)
+            if m:
+                lead = len(m.group(1)) - len(m.group(1).lstrip())
+                out += _split_statements(m.group(1), width)
+                out.append(_wrap(m.group(2), " " * (lead + 4), width))
+                continue
+        out += _split_statements(line, width)
+    return out
+
+
+def _split_statements(line: str, width: int) -> list[str]:
+    if len(line) <= width or " ;  " not in line:
+        return [line]
+    lead = line[:len(line) - len(line.lstrip())]
+    return [lead + part.strip() for part in line.split(" ;  ")]
+
+
+def terminal_width() -> int:
+    """The width ``optimkit explain`` renders for: the terminal's (``COLUMNS`` when set),
+    clamped to 60-100 columns."""
+    return max(60, min(100, shutil.get_terminal_size((92, 24)).columns))
+
+
+def render_text(spec: OptimizerSpec, width: int | None = None) -> str:
+    """Plain-text explanation for the terminal, no line wider than ``width`` (default:
+    :func:`terminal_width`) where words allow."""
+    w = terminal_width() if width is None else width
+    out = [_wrap(f"{spec.name}: {spec.description}", "", w, "  "), ""]
     for k, v in _facts(spec):
-        out.append(f"  {k}: {v}")
+        out.append(_wrap(f"{k}: {v}", "  ", w, "    "))
     out += ["", "Update rule (per parameter theta, gradient g, step t):"]
-    out += ["    " + line for line in spec.update_rule.splitlines()]
+    out += _rule_lines(spec.update_rule, w)
     out += ["", "Hyperparameters:"]
     for hp in spec.hyperparams:
-        out.append(f"  {hp.name} = {default_text(hp.default)}    valid: {hp.valid}")
-        out.append(_wrap(hp.doc, "      "))
+        out.append(_wrap(f"{hp.name} = {default_text(hp.default)}    valid: {hp.valid}", "  ", w,
+                         "      "))
+        out.append(_wrap(hp.doc, "      ", w))
     for title, text in (("When to use", spec.when_to_use), ("Tuning", spec.tuning), ("Pitfalls", spec.pitfalls),
                         ("Often gotten wrong", CORRECTIONS.get(spec.name, ""))):
         if text:
-            out += ["", f"{title}:", _wrap(text, "  ")]
+            out += ["", f"{title}:", _wrap(text, "  ", w)]
     if spec.name == "prodigy":
         out += ["", "Zero-tuning presets (optimkit recommend --no-tuning; measured):"]
-        out += [_wrap(line, "  ") for line in preset_lines()]
-    out += ["", f"Try it: optimkit compare --optimizers {spec.name}   |   "
-                f"create_optimizer({spec.name!r}, model)"]
+        out += [_wrap(line, "  ", w, "    ") for line in preset_lines()]
+    try_cli = f"optimkit compare --optimizers {spec.name}"
+    try_py = f"create_optimizer({spec.name!r}, model)"
+    one = f"Try it: {try_cli}   |   {try_py}"
+    out += ["", one] if len(one) <= w else ["", f"Try it: {try_cli}", f"        {try_py}"]
     return "\n".join(out) + "\n"
 
 
