@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import operator
+import sys
 import types
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -72,8 +73,18 @@ def not_traced(fn: Callable[..., Any]) -> Callable[..., Any]:
     which matters when code dynamo already runs eagerly calls it (traced, the wrapper would
     guard on every float argument, e.g. RAdam's per-step lr: a recompile per step); in eager
     mode it costs one Python call (~1.5 us; the recursive wrapper ~5 us).
+
+    Without importing dynamo (``import optimkit`` would cost ~2 s more than ``import torch``;
+    see "Import cost" in docs/performance.md): a Python ``fn`` gets torch's own lazy form of
+    the same wrapper, ``torch._disable_dynamo`` (what torch.optim's steps use). It builds
+    ``torch.compiler.disable(fn)`` at its first call and calls that; its own frame lies in a
+    module dynamo never traces (``torch._compile``), so a compiled step breaks its graph at
+    the call and runs ``fn`` eagerly with dynamo off, as before. Any other callable (a
+    builtin) is wrapped at once, as before (nothing in optimkit passes one).
     """
-    return torch.compiler.disable(fn, recursive=isinstance(fn, types.FunctionType))
+    if isinstance(fn, types.FunctionType):
+        return torch._disable_dynamo(fn, recursive=True)
+    return torch.compiler.disable(fn, recursive=False)
 
 
 # -- torch's fused single-pass kernels (CPU and CUDA) ---------------------------------------
@@ -145,18 +156,51 @@ def single_threaded() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _not_traced_kernel(kernel: Callable[..., Any]) -> Callable[..., Any]:
-    """A fused kernel behind :func:`serial_for_small`, kept out of dynamo's graphs as
-    :func:`not_traced` keeps a builtin: the light ``recursive=False`` wrapper (~1.5 us a call;
-    the recursive one ~5 us). The splitter's frame is never compiled (no guards on its float
-    arguments, so no recompiles) and what it calls is a builtin, which runs eagerly."""
-    return torch.compiler.disable(serial_for_small(kernel), recursive=False)
+#: ``fused_adam_`` etc.: torch's fused kernel behind :func:`serial_for_small`, kept out of
+#: dynamo's graphs as :func:`not_traced` keeps a builtin: the light ``recursive=False`` wrapper
+#: (~1.5 us a call; the recursive one ~5 us). The splitter's frame is never compiled (no guards
+#: on its float arguments, so no recompiles) and what it calls is a builtin, which runs eagerly.
+_FUSED_KERNELS = {
+    "fused_adam_": "_fused_adam_",
+    "fused_adamw_": "_fused_adamw_",
+    "fused_sgd_": "_fused_sgd_",
+    "fused_adagrad_": "_fused_adagrad_",
+}
+_serial: dict[str, Callable[..., Any]] = {}
 
+if TYPE_CHECKING:
+    fused_adam_: Callable[..., Any]
+    fused_adamw_: Callable[..., Any]
+    fused_sgd_: Callable[..., Any]
+    fused_adagrad_: Callable[..., Any]
+else:
+    def __getattr__(name: str) -> Any:
+        """``fused_adam_`` & co., made on first use: wrapping at import imported dynamo (~2 s).
 
-fused_adam_ = _not_traced_kernel(torch._fused_adam_)
-fused_adamw_ = _not_traced_kernel(torch._fused_adamw_)
-fused_sgd_ = _not_traced_kernel(torch._fused_sgd_)
-fused_adagrad_ = _not_traced_kernel(torch._fused_adagrad_)
+        Once ``torch._dynamo`` is imported (``torch.compile`` imports it, and so does
+        constructing any ``torch.optim.Optimizer``: its ``add_param_group``), the first access
+        builds the ``torch.compiler.disable(..., recursive=False)`` wrapper and stores it as a
+        module global: from then on every access, traced or not, finds the same object as
+        when it was made at import. Dynamo reads an attribute missing from a module's
+        ``__dict__`` with a real ``getattr`` (this function runs, untraced), so a first access
+        inside a compiled step also stores and sees the wrapper. Before dynamo is imported
+        nothing can trace the call, so the splitter is returned bare (not stored: the next
+        access checks again)."""
+        kernel = _FUSED_KERNELS.get(name)
+        if kernel is None:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        run = _serial.get(name)
+        if run is None:
+            run = _serial[name] = serial_for_small(getattr(torch, kernel))
+        if "torch._dynamo" not in sys.modules:
+            return run
+        wrapped = torch.compiler.disable(run, recursive=False)
+        globals()[name] = wrapped
+        return wrapped
+
+    def __dir__() -> list[str]:
+        return sorted({*globals(), *_FUSED_KERNELS})
+
 
 #: device types on which torch ships the fused kernels above
 FUSED_DEVICE_TYPES = ("cpu", "cuda")
