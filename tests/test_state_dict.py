@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import harness
+import optimkit
 from optim_db import IMPL_FLAGS, OPTIMS, config_id
 
 #: torch.optim has no flat buffers: its side of a flat case runs its default path
@@ -222,6 +223,24 @@ def test_rejects_wrong_state_tensor_shape(info):
 
 
 @pytest.mark.parametrize("info", OPTIMS, ids=lambda i: i.name)
+def test_rejects_meta_state_tensor(info):
+    """A state tensor on the meta device (a checkpoint from an optimizer whose model was
+    built on the meta device) is refused by name, where torch's loader fails part-way
+    with "Cannot copy out of meta tensor"."""
+    checked = 0
+    for cfg, opt, sd in _stateful_configs(info):
+        for pid, st in sd["state"].items():
+            for key, v in st.items():
+                if not isinstance(v, torch.Tensor):
+                    continue
+                bad = copy.deepcopy(sd)
+                bad["state"][pid][key] = torch.empty(v.shape, dtype=v.dtype, device="meta")
+                _assert_rejected(opt, bad, "is a meta tensor")
+                checked += 1
+    assert checked > 0
+
+
+@pytest.mark.parametrize("info", OPTIMS, ids=lambda i: i.name)
 def test_rejects_invalid_hyperparameter_in_saved_group(info):
     """Each of the row's invalid constructor inputs, written into a saved param group (of an
     optimizer built with the defaults, as the error inputs assume), is rejected on load with
@@ -246,3 +265,16 @@ def test_rejects_flags_the_constructor_refuses(info):
         sd = harness.roundtrip(opt.state_dict())
         sd["param_groups"][1].update(overrides)
         _assert_rejected(opt, sd, "param group 1", next(iter(overrides)))
+
+
+def test_prodigy_rejects_meta_state_tensor():
+    ps = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5))]
+    opt = optimkit.Prodigy(ps)
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    sd = opt.state_dict()
+    for key in ("s", "p0", "exp_avg", "exp_avg_sq"):
+        bad = copy.deepcopy(sd)
+        bad["state"][1][key] = torch.empty(bad["state"][1][key].shape, device="meta")
+        _assert_rejected(opt, bad, "is a meta tensor", repr(key))

@@ -19,6 +19,11 @@ ANY = "any"  # no shape constraint
 
 
 def check_state_value(bad: str, pid: Any, key: str, v: Any, spec: Any, p: Tensor) -> None:
+    if isinstance(v, Tensor) and v.is_meta and not p.is_meta:
+        raise ValueError(
+            f"{bad}: state[{pid!r}][{key!r}] is a meta tensor (shape {tuple(v.shape)}, no data): "
+            "the checkpoint was saved from an optimizer whose state was never materialised "
+            "(a model built on the meta device?)")
     if spec == ANY:
         return
     if spec == SCALAR:

@@ -4,6 +4,7 @@ correction, max |t| scans."""
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any
 
 import torch
@@ -13,12 +14,13 @@ from ..._impl import group_by_device_dtype
 from ..._rounding import stochastic_round_
 from ..._validation import scalar
 
-try:  # DTensor (FSDP2) is optional: torch builds without distributed lack it
+try:  # torch builds without distributed lack it
     import torch.distributed as dist  # noqa: F401 (re-exported for sharding.py)
-    from torch.distributed.tensor import DTensor, Replicate, Shard
 except Exception:  # pragma: no cover - depends on the torch build
     dist = None  # type: ignore[assignment]
-    DTensor = Replicate = Shard = None  # type: ignore[assignment,misc]
+# DTensor (FSDP2) is not imported here: ``torch.distributed.tensor`` costs ~1 s at import
+# (it pulls in sympy); a DTensor can exist only once that module is loaded (_is_dtensor).
+_DTENSOR_MODULE = "torch.distributed.tensor"
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -60,6 +62,8 @@ def _dtensor_sliced(p: Tensor, slice_p: int, dtype: torch.dtype, *, copy: bool) 
     if slice_p == 1:
         out = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
         return out.copy_(p.detach()) if copy else out
+    from torch.distributed.tensor import DTensor, Replicate, Shard  # loaded: p is a DTensor
+
     mesh, pl = p.device_mesh, p.to_local()
     lead: list[int] = []
     placements: list[Any] = []
@@ -97,7 +101,8 @@ def _sliced_local(t: Tensor, p: Tensor, slice_p: int) -> Tensor:
 
 
 def _is_dtensor(t: Tensor) -> bool:
-    return DTensor is not None and isinstance(t, DTensor)
+    mod = sys.modules.get(_DTENSOR_MODULE)
+    return mod is not None and isinstance(t, mod.DTensor)
 
 
 def _stat_dtype(p: Tensor) -> torch.dtype:
