@@ -128,8 +128,7 @@ def test_prodigy_by_class_path_every_option_form() -> None:
     assert opt.param_groups[0]["d"] > 1e-5  # it trained: d moved
 
 
-@pytest.mark.parametrize("text, dtype", [("'bf16'", torch.bfloat16), ("'bfloat16'", torch.bfloat16),
-                                         ("'float16'", torch.float16)])
+@pytest.mark.parametrize("text, dtype", [("'bf16'", torch.bfloat16), ("'bfloat16'", torch.bfloat16)])
 def test_prodigy_state_dtype_string(text, dtype) -> None:
     """``--optimizer_args "state_dtype='bf16'"``: literal_eval gives a str, not a torch.dtype."""
     model = _model()
@@ -138,6 +137,14 @@ def test_prodigy_state_dtype_string(text, dtype) -> None:
     _train(model, opt, 2)
     st = opt.state[model[0].weight]
     assert st["exp_avg"].dtype == st["exp_avg_sq"].dtype == dtype
+
+
+def test_prodigy_float16_state_string_refused() -> None:
+    """``state_dtype='float16'`` fails at construction, before training starts, saying why."""
+    with pytest.raises(ValueError, match=r"Prodigy: invalid state_dtype='float16'; .*float16 state "
+                       "is refused"):
+        sd_scripts_get_optimizer("optimkit.Prodigy", ["state_dtype='float16'"], 1.0,
+                                 _model().parameters())
 
 
 def test_prodigy_warns_at_sd_scripts_default_lr() -> None:

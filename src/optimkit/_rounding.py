@@ -1,6 +1,6 @@
 """Lower-precision optimizer state: the ``state_dtype`` option and unbiased stochastic rounding.
 
-An optimizer given ``state_dtype=torch.bfloat16`` (or ``float16``) stores its moment buffers in
+An optimizer given ``state_dtype=torch.bfloat16`` (float16 is refused) stores its moment buffers in
 that dtype. Each step upcasts them to the compute dtype (float32, or the parameter's dtype
 when that is wider), runs exactly the float32 math, and writes them back with stochastic
 rounding: ``E[round(x)] == x``, so the small increments of a running average such as
@@ -21,8 +21,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-#: accepted values of ``state_dtype`` (``None``: each optimizer's own default)
-STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: accepted values of ``state_dtype`` (``None``: each optimizer's own default). float16 is
+#: refused (:func:`check_state_dtype`): its range cannot hold squared gradients.
+STATE_DTYPES = (torch.float32, torch.bfloat16)
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 #: key under which an optimizer's state_dict carries the rounding generators' states
 RNG_KEY = "state_rounding_rng"
@@ -33,8 +34,8 @@ RNG_KEY = "state_rounding_rng"
 STATE_DTYPE_NAMES = {
     "float32": torch.float32, "fp32": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
 }
+_FLOAT16_NAMES = ("float16", "fp16", "half")
 
 
 def check_state_dtype(owner: str, value: Any) -> torch.dtype | None:
@@ -43,15 +44,23 @@ def check_state_dtype(owner: str, value: Any) -> torch.dtype | None:
     else raises the one-format ValueError listing the valid values."""
     if value is None or (isinstance(value, torch.dtype) and value in STATE_DTYPES):
         return value
+    name = ""
     if isinstance(value, str):
         name = value.strip().lower()
         name = name[len("torch."):] if name.startswith("torch.") else name
         if name in STATE_DTYPE_NAMES:
             return STATE_DTYPE_NAMES[name]
+    if value is torch.float16 or name in _FLOAT16_NAMES:
+        raise ValueError(
+            f"{owner}: invalid state_dtype={value!r}; expected None, torch.float32 or "
+            "torch.bfloat16. float16 state is refused: exp_avg_sq holds squared gradients, and "
+            "those below float16's smallest subnormal (6e-8: every |g| < 2.4e-4) flush to 0, "
+            "after which the step is lr * m / eps, up to 10^4 times too large, silently. "
+            "torch.bfloat16 takes the same memory with float32's range")
     names = ", ".join(repr(n) for n in STATE_DTYPE_NAMES)
     raise ValueError(
-        f"{owner}: invalid state_dtype={value!r}; expected None, torch.float32, torch.bfloat16 "
-        f"or torch.float16, or one of the names {names} (optionally prefixed 'torch.')"
+        f"{owner}: invalid state_dtype={value!r}; expected None, torch.float32 or "
+        f"torch.bfloat16, or one of the names {names} (optionally prefixed 'torch.')"
     )
 
 

@@ -196,7 +196,7 @@ _ADAM_HP_TAIL = (
 
 
 def _state_dtype(what: str) -> HyperParam:
-    return HyperParam("state_dtype", None, "None, float32, bfloat16 or float16",
+    return HyperParam("state_dtype", None, "None, float32 or bfloat16 (float16 is refused)",
                       f"Dtype of {what}: None keeps the default; bfloat16 halves those buffers for "
                       "float32 parameters, computing in float32 and writing back with unbiased "
                       "stochastic rounding (see docs/performance.md for its measured effect).")

@@ -84,8 +84,7 @@ only reads), then decides from the one host sync, before phase 2 writes anything
    second pass and copies to roll back): with ``G`` = max |g| from phase 1 (taken while each
    piece is in cache; ``+ wd * max |p|`` under coupled decay), ``(d G)^2 <= max / 2`` keeps
    ``v`` (an average of ``(d g)^2``) and ``m`` (of ``d g``) finite for good; decoupled decay
-   with ``wd dlr > 2`` checks ``max |p| (wd dlr - 1)``; a float16 ``state_dtype`` checks
-   ``max |s'|`` and ``v`` against 65504. Not checked: the update ``dlr m / (sqrt(v) + d' eps)``,
+   with ``wd dlr > 2`` checks ``max |p| (wd dlr - 1)``. Not checked: the update ``dlr m / (sqrt(v) + d' eps)``,
    which Adam's Cauchy-Schwarz argument bounds by ``dlr (1 - beta1) / sqrt((1 - beta2)(1 -
    beta1^2 / beta2))`` (7.3 ``dlr`` at the defaults) for state this algorithm wrote.
 
@@ -198,8 +197,9 @@ class Prodigy(PathsMixin, ShardingMixin, NonFiniteMixin, CheckpointMixin, Groups
             step computes in float32 and writes the state back with unbiased stochastic
             rounding (generators seeded from torch's global RNG, saved in ``state_dict``).
             Runs the foreach path (not the fused phase 2). Also accepted as a name:
-            ``'bfloat16'``/``'bf16'``, ``'float16'``/``'fp16'``, ``'float32'``/``'fp32'``
-            (optionally ``'torch.'``-prefixed), as config files and sd-scripts pass it.
+            ``'bfloat16'``/``'bf16'``, ``'float32'``/``'fp32'`` (optionally
+            ``'torch.'``-prefixed), as config files and sd-scripts pass it. float16 is
+            refused (``ValueError``): ``v = d^2 g^2`` underflows it.
         flat: lay the parameters, gradients and state out as views into one buffer per
             param group and (device, dtype), and step it in large chunks (see
             ``optimkit._flatten``): the same math, far less per-tensor overhead with many
