@@ -119,6 +119,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import _torch_compat as tc
 from .._base import ANY, PARAM_SHAPE, SCALAR, GroupWork, OptimizerBase, ParamsT
 from .._rounding import LowPrecisionStateMixin
 from .._validation import check_betas, check_bool, check_range, fail, fail_type, scalar
@@ -405,6 +406,7 @@ class Prodigy(PathsMixin, ShardingMixin, NonFiniteMixin, CheckpointMixin, Groups
             spec["exp_avg"] = PARAM_SHAPE
         return spec
 
+    @tc.not_traced  # reads every group's d, k, ...: traced, dynamo guarded on their values
     def _gather(self, gi: int, group: dict[str, Any]) -> GroupWork:
         if gi == 0:  # before any state is created (the base step() has validated each group)
             check_groups(type(self).__name__, self.param_groups)
@@ -450,6 +452,10 @@ class Prodigy(PathsMixin, ShardingMixin, NonFiniteMixin, CheckpointMixin, Groups
             self._fresh = []
         return loss
 
+    # Not traced (as RAdam's update): every step branches on host values that change at
+    # every step (d, d_max, d_numerator, k); traced, dynamo guarded on each and compiled
+    # again at every step until its recompile limit (measured by a user: 12 steps, 67 s).
+    @tc.not_traced
     def _apply(self, works: list[GroupWork]) -> None:
         """The step: phase 1 (statistics, reads only) -> the one host sync -> the d update ->
         checks -> phase 2 (writes). One estimate of d over every group, or one per group
