@@ -106,6 +106,17 @@ def test_verdict_every_run_diverged_names_no_winner():
     assert "no recommendation" in verdict(res2)["overall"]
 
 
+def test_verdict_every_run_raised_points_at_the_error_not_the_lr():
+    """Every run raised (a bug in the task's code): the advice is to fix it, naming the first
+    error and where, not to lower the learning rates."""
+    rows = [_row("sgd", None, None, val=None, error="RuntimeError: boom", where="task.py:13 in forward"),
+            _row("adam", None, None, val=None, error="RuntimeError: boom")]
+    v = task_verdict(_result(rows), "task0")
+    assert v["winner"] is None and "raised an error" in v["text"], v["text"]
+    assert "sgd: RuntimeError: boom at task.py:13 in forward" in v["text"], v["text"]
+    assert "Lower the learning rates" not in v["text"]
+
+
 def test_verdict_ties_by_rank_and_by_seed_spread():
     v = task_verdict(_result([_row("a", 1, 0.9), _row("b", 1, 0.9), _row("c", 3, 0.5)]), "task0")
     assert v["tied"] == ["a", "b"] and "tie" in v["text"] and "**a**" in v["text"]

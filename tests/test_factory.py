@@ -589,3 +589,17 @@ def test_param_groups_type_and_empty_errors() -> None:
         param_groups([nn.Parameter(torch.zeros(2))])  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="no trainable parameters"):
         param_groups(nn.Linear(2, 2).requires_grad_(False))
+
+
+def test_two_arguments_in_one_item_are_refused_with_the_fix():
+    """``"weight_decay=0.01 decouple=True"`` (one sd-scripts item with a space): refused,
+    naming both keys and how to write them, instead of ``weight_decay='0.01 decouple=True'``
+    failing later as "expected a number"."""
+    from optimkit.factory.args import parse_optimizer_args
+
+    with pytest.raises(ValueError, match=r"holds two arguments \(weight_decay=\.\.\. and "
+                       r"decouple=\.\.\.\); separate them with a comma"):
+        parse_optimizer_args(["weight_decay=0.01 decouple=True"])
+    assert parse_optimizer_args(["weight_decay=0.01, decouple=True"]) == {
+        "weight_decay": 0.01, "decouple": True}
+    assert parse_optimizer_args(["name='a b=c'"]) == {"name": "a b=c"}  # quoted: kept

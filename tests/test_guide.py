@@ -283,3 +283,25 @@ def test_explain_follows_columns(monkeypatch, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert max(map(len, lines)) <= 80
     assert any("(decoupled, AdamW / decoupled_weight_decay=True)" in line for line in lines)
+
+
+def test_recommend_text_fits_80_columns_and_flags_dense_only_optimizers():
+    """Prose wrapped at 80 columns (a command to copy may run longer, never broken); with
+    --sparse, every recommended optimizer that cannot take sparse gradients says so."""
+    traits = Traits(sparse=True)
+    recs = recommend(traits, top=5)
+    text = render_recommendations(traits, recs, width=80)
+    for line in text.splitlines():
+        assert len(line) <= 80 or line.strip().startswith("optimkit compare --optimizers"), line
+    for r in recs:
+        cls = get_spec(r.optimizer).cls
+        dense_only = [s for s in r.setup if "takes dense gradients only" in s]
+        assert bool(dense_only) == (not cls._supports_sparse), (r.optimizer, r.setup)
+
+
+def test_no_tuning_ties_go_to_the_optimizer_without_an_lr_search():
+    recs = recommend(Traits(model="transformer", fine_tune=True, no_tuning=True), top=3)
+    scores = {r.optimizer: r.score for r in recs}
+    if scores.get("prodigy") == scores.get("adamw"):
+        assert [r.optimizer for r in recs].index("prodigy") < [r.optimizer for r in recs].index("adamw")
+    assert recs[0].optimizer == "prodigy"

@@ -202,6 +202,8 @@ def _compare(args: argparse.Namespace) -> int:
         raise UsageError(f"invalid --budget {args.budget}; expected >= 1")
     if args.jobs is not None and args.jobs < 0:
         raise UsageError(f"invalid --jobs {args.jobs}; expected >= 0")
+    if args.threads is not None and args.threads < 0:
+        raise UsageError(f"invalid --threads {args.threads}; expected >= 0 (0 = torch's default)")
     if args.budget and args.lr_sweep:
         raise UsageError("--budget and --lr-sweep are two ways to tune; give one")
     if args.tensorboard and not args.worker:

@@ -202,6 +202,8 @@ def draw_trajectories(
     finally:
         torch.set_num_threads(old_threads)
     out = Path(out)
+    if not out.suffix:  # matplotlib would add ".png": return the path actually written
+        out = out.with_suffix(".png")
     if out.parent and not out.parent.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=DPI)

@@ -157,6 +157,14 @@ def task_verdict(result: dict[str, Any], name: str, brief: bool = False) -> dict
     caveats: list[str] = []
     if not rows:
         n = len(every)
+        errors = [r for r in every if r.get("error")]
+        if every and len(errors) == n:  # errors in the task's code, not divergence: no lr helps
+            e = errors[0]
+            where = f" at {e['where']}" if e.get("where") else ""
+            return {"winner": None, "tied": [], "caveats": [],
+                    "text": f"{name}: no recommendation: every run ({n} optimizer(s)) raised an error, "
+                            f"which no learning rate changes (first: {e['optimizer']}: {e['error']}"
+                            f"{where}). Fix it and run again."}
         return {"winner": None, "tied": [], "caveats": [],
                 "text": f"{name}: no recommendation: every run ({n} optimizer(s)) diverged or failed, so nothing "
                         "is ranked. Lower the learning rates (or give a --budget so each optimizer's lr is "

@@ -86,10 +86,21 @@ def parse_optimizer_args(args: str | Iterable[str] | Mapping[str, Any] | None) -
             raise TypeError(f"optimizer_args: expected 'key=value' strings, got {item!r}")
         for piece in _split_args(item):
             key, value = _split_pair(piece)
+            if isinstance(value, str) and "'" not in piece and '"' not in piece:
+                m = _TWO_IN_ONE.search(value)
+                if m:  # "weight_decay=0.01 decouple=True": a space is not a separator
+                    raise ValueError(
+                        f"optimizer_args: {piece.strip()!r} holds two arguments ({key}=... and "
+                        f"{m.group(1)}=...); separate them with a comma or give each as its own "
+                        "item (sd-scripts: --optimizer_args \"weight_decay=0.01\" \"decouple=True\")")
             if key in out:
                 raise ValueError(f"optimizer_args: argument {key!r} given twice")
             out[key] = value
     return out
+
+
+#: a bare value that holds another ``key=``, after whitespace
+_TWO_IN_ONE = re.compile(r"\s([A-Za-z_][A-Za-z0-9_]*)\s*=")
 
 
 def _split_args(item: str) -> list[str]:

@@ -545,8 +545,10 @@ theta <- theta - dlr * m / (sqrt(v) + d' * eps)""",
                 "schedule use cosine annealing on lr and safeguard_warmup=True for warm-up; "
                 "use_bias_correction=True is common for diffusion fine-tuning."),
         pitfalls=("lr is a multiplier on d, not a learning rate: setting lr=1e-4 as for Adam makes "
-                  "it ~10^4 times too slow. Different lrs per param group are not supported "
-                  "(0 is allowed to freeze). Four full-size buffers: ~2x Adam's state memory."),
+                  "it ~10^4 times too slow. Param groups with different lrs need "
+                  "split_groups=True (each group estimates its own d; without it a group's lr "
+                  "must be the largest lr or 0, to freeze). Four full-size buffers: ~2x "
+                  "Adam's state memory."),
         aliases=(),
         default_lr=1.0,
         search_space=(SearchDim("d_coef", 0.1, 10.0),),  # lr stays 1: it multiplies d

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..factory import get_spec
+from .explain import _wrap, terminal_width
 from .presets import DECIDED, EVIDENCE, TARGET_GAP, no_tuning_preset
 from .rules import CORRECTIONS, RULES, TRAITS, Rule
 
@@ -97,18 +98,25 @@ def recommend(traits: Traits, top: int = 3) -> list[Recommendation]:
             hp = {**preset.args, **{k: v for k, v in hp.items() if k not in DECIDED}}
             evidence |= set(preset.tasks)
             measured = _measured_text(key, preset)
+        setup = [r.setup for r in ordered if r.setup]
+        if traits.sparse and not getattr(spec.cls, "_supports_sparse", False):
+            setup.append(f"{spec.name} takes dense gradients only: keep embeddings at "
+                         "nn.Embedding(sparse=False) (of optimkit's optimizers only Adagrad and "
+                         "SGD take sparse ones)")
         recs.append(Recommendation(
             optimizer=spec.name,
             score=score,
             hyperparams=hp,
             reasons=[r.reason for r in ordered if r.score > 0] or [r.reason for r in ordered],
-            setup=[r.setup for r in ordered if r.setup],
+            setup=setup,
             evidence=sorted(evidence),
             correction=CORRECTIONS.get(spec.name),
             state_buffers=spec.state_buffers,
             measured=measured,
         ))
-    recs.sort(key=lambda r: (-r.score, r.optimizer))
+    # ties: with no_tuning, an optimizer that needs no lr search first (then by name)
+    recs.sort(key=lambda r: (-r.score, traits.no_tuning and get_spec(r.optimizer).needs_lr_tuning,
+                             r.optimizer))
     return [r for r in recs if r.score > 0][:top]
 
 
@@ -140,33 +148,43 @@ def _avoid(traits: Traits) -> list[tuple[str, str]]:
     return out
 
 
-def render_recommendations(traits: Traits, recs: list[Recommendation]) -> str:
-    """Plain text for the terminal."""
+def render_recommendations(traits: Traits, recs: list[Recommendation],
+                           width: int | None = None) -> str:
+    """Plain text for the terminal, wrapped to ``width`` (default: the terminal's, as
+    ``optimkit explain``); a command to copy is never broken."""
+    w = terminal_width() if width is None else width
+
+    def add(text: str, indent: str, sub: str) -> None:
+        lines.append(_wrap(text, indent, w, sub))
+
     lines = [f"Recommendations for: {traits.describe()}", ""]
     for i, r in enumerate(recs, 1):
-        lines.append(f"{i}. {r.optimizer}  (score {r.score:g}; state: {r.state_buffers} buffer(s), "
-                     f"{4 * r.state_buffers} bytes/param in fp32)")
+        add(f"{i}. {r.optimizer}  (score {r.score:g}; state: {r.state_buffers} buffer(s), "
+            f"{4 * r.state_buffers} bytes/param in fp32)", "", "   ")
         args = ", ".join(f"{k}={_value_text(v)}" for k, v in r.hyperparams.items())
-        lines.append(f"   start with: {args or 'the defaults'}")
-        lines.append(f"   compare it: optimkit compare --optimizers '{spec_string(r.optimizer, r.hyperparams)}'")
+        add(f"start with: {args or 'the defaults'}", "   ", "     ")
+        cmd = f"optimkit compare --optimizers '{spec_string(r.optimizer, r.hyperparams)}'"
+        lines += ([f"   compare it: {cmd}"] if len(cmd) + 15 <= w
+                  else ["   compare it:", f"     {cmd}"])  # a command is never broken
         lines.append("   why:")
         for reason in r.reasons:
-            lines.append(f"     - {reason}")
+            add(f"- {reason}", "     ", "       ")
         if r.measured:
-            lines.append(f"   measured: {r.measured}")
+            add(f"measured: {r.measured}", "   ", "     ")
         for s in r.setup:
-            lines.append(f"   recipe: {s}")
+            add(f"recipe: {s}", "   ", "     ")
         if r.evidence:
             tasks = ", ".join(r.evidence)
-            lines.append(f"   backed by optimkit compare task(s): {tasks}  (optimkit compare --tasks {' '.join(r.evidence)})")
+            add(f"backed by optimkit compare task(s): {tasks}", "   ", "     ")
+            lines.append(f"     (optimkit compare --tasks {' '.join(r.evidence)})")
         if r.correction:
-            lines.append(f"   note: {r.correction}")
+            add(f"note: {r.correction}", "   ", "     ")
         lines.append("")
     avoid = _avoid(traits)
     if avoid:
         lines.append("Avoid here:")
         for name, reason in avoid:
-            lines.append(f"  - {name}: {reason}")
+            add(f"- {name}: {reason}", "  ", "    ")
         lines.append("")
     lines.append("Details of any optimizer: optimkit explain NAME")
     return "\n".join(lines) + "\n"

@@ -124,8 +124,8 @@ RULES: tuple[Rule, ...] = (
          {"lr": 1e-3, "weight_decay": 0.01}),
     # ------------------------------------------------------------------ data traits
     Rule({"sparse": True}, "adagrad", 5, "Sparse features: Adagrad gives rarely seen features (rare "
-         "words, users, items) large steps and frequent ones small steps; the only optimkit optimizer "
-         "that takes sparse gradients (nn.Embedding(sparse=True)).", {"lr": 0.05},
+         "words, users, items) large steps and frequent ones small steps; with SGD, the optimkit "
+         "optimizer that takes sparse gradients (nn.Embedding(sparse=True)).", {"lr": 0.05},
          evidence=("docbow",)),
     Rule({"sparse": True}, "rmsprop", 3.5, "Per-coordinate normalisation like Adagrad, but forgets, so "
          "it keeps moving in long runs; the most accurate on the bag-of-words task.", {"lr": 1e-3},
