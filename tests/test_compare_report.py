@@ -317,3 +317,17 @@ def test_html_escapes_user_text():
     res = _result([_row("<script>x</script>", 1, 0.9)])
     html = render_html(res, {})
     assert "<script>x" not in html and "&lt;script&gt;" in html
+
+
+def test_overall_verdict_says_over_which_tasks_the_profile_counts():
+    """The performance profile counts only tasks where some optimizer reached the target: with
+    2 of 4 such tasks, the overall verdict says so instead of "fastest on every task"."""
+    res = _result([_row("prodigy", 1, 0.95), _row("sgd", 2, 0.90)], n_tasks=4)
+    res["overall"] = [{"optimizer": "prodigy", "rank": 1, "profile_area": 1.0, "mean_rank": 1.0, "wins": 4},
+                      {"optimizer": "sgd", "rank": 2, "profile_area": 0.5, "mean_rank": 2.0, "wins": 0}]
+    res["profiles"] = {"tasks": ["task0", "task1"]}
+    text = verdict(res)["overall"]
+    assert "over the 2 of 4 tasks where some optimizer reached the target, 1 = fastest on each" in text, text
+    assert "fastest on every task" not in text
+    res["profiles"] = {"tasks": ["task0", "task1", "task2", "task3"]}
+    assert "1 = fastest on every task" in verdict(res)["overall"]

@@ -252,7 +252,11 @@ def verdict(result: dict[str, Any]) -> dict[str, Any]:
             lead = ""
             if top.get("profile_area") is not None:
                 lead = " reach the targets in the fewest steps" if same else " reaches the targets in the fewest steps"
-                how = f"performance-profile score {_g(top['profile_area'])}, 1 = fastest on every task; " + how
+                # the profile counts only the tasks where some optimizer reached the target
+                counted = (result.get("profiles") or {}).get("tasks") or []
+                over = (f"over the {len(counted)} of {n} tasks where some optimizer reached the target, "
+                        "1 = fastest on each" if counted and len(counted) < n else "1 = fastest on every task")
+                how = f"performance-profile score {_g(top['profile_area'])} {over}; " + how
             if same:
                 overall = (f"Overall: **{top['optimizer']}** and {', '.join(r['optimizer'] for r in same)} tie:"
                            f" they{lead or ' rank equal'} ({how}).")
