@@ -78,8 +78,24 @@ def test_stuck_bias_correction_early_in_training():
 
 def test_stuck_d0_far_below_the_parameter_scale():
     _, msgs = _run(dtype=torch.bfloat16, d0=1e-6)
-    _one(msgs, "d0=1e-06 is far below the parameters' scale", "bfloat16",
+    # at construction: bfloat16 rounded to nearest; after 100 steps: d still d0, and why
+    assert len(msgs) == 2, msgs
+    assert "bfloat16 parameters with stochastic_rounding=False" in msgs[0], msgs[0]
+    _one(msgs[1:], "d0=1e-06 is far below the parameters' scale", "bfloat16",
          "stochastic_rounding=True")
+
+
+def test_low_precision_parameters_warn_at_construction_unless_stochastic():
+    for dtype in (torch.bfloat16, torch.float16):
+        p = torch.nn.Parameter(torch.zeros(3, dtype=dtype))
+        with pytest.warns(ProdigyDiagnosisWarning, match=rf"{str(dtype)[6:]} parameters with "
+                          "stochastic_rounding=False.*stochastic_rounding=True"):
+            optimkit.Prodigy([p])
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ProdigyDiagnosisWarning)
+            optimkit.Prodigy([p], stochastic_rounding=True)
+            optimkit.Prodigy([p], diagnose=False)
+            optimkit.Prodigy([torch.nn.Parameter(torch.zeros(3))])
 
 
 def test_runaway_d():

@@ -302,6 +302,7 @@ class Prodigy(PathsMixin, ShardingMixin, NonFiniteMixin, CheckpointMixin, Groups
         super().__init__(params, defaults, flat=flat, compile=compile)
         if self._diagnosis is not None:
             self._diagnosis.check_lr(type(self).__name__, self.param_groups)
+            self._diagnosis.check_low_precision(type(self).__name__, self.param_groups)
 
     # ------------------------------------------------------------------ validation
     def _validate_group(self, g: dict[str, Any]) -> None:
