@@ -170,6 +170,16 @@ def test_tables_fit_and_never_split_a_number(width, mode):
                         assert any(word in line for line in lines), (width, c.head, word)
     if width >= 200:
         assert "±0.0041" in text  # the seed spread, when there is room
+    # a column left out for width is named under its table, never dropped silently
+    for name, entry in res["tasks"].items():
+        all_cols = rep._task_cols(entry, mode)
+        cols, _ = rep.fit_columns(all_cols, width)
+        hidden = [c.head for c in all_cols if c not in cols]
+        if hidden:
+            flat = " ".join(text.split())
+            assert f"not shown at {width} columns: " in flat, flat[-400:]
+            for h in hidden:
+                assert " ".join(h.split()) in flat, h
 
 
 def test_note_column_only_when_a_row_has_a_note():

@@ -348,7 +348,11 @@ def _rich_table(title: str, cols: list[Col], width: int) -> Any:
                 extra = min(slack, max(0, natural - widths[i]))
                 widths[i] += extra
                 slack -= extra
-    t = Table(title=title, box=box.ROUNDED, title_justify="left")
+    hidden = [c.head for c in cols if c not in shown]
+    caption = (f"not shown at {width} columns: {', '.join(hidden)} (a wider terminal shows them; "
+               "every value is in results.json and index.html)") if hidden else None
+    t = Table(title=title, box=box.ROUNDED, title_justify="left", caption=caption,
+              caption_justify="left")
     for c, w in zip(shown, widths):
         # a wrapped table gets the exact widths fit_columns counted on (rich would otherwise
         # shrink whichever column it likes, e.g. fold a label while a header keeps its width)
@@ -364,8 +368,8 @@ def _rich_table(title: str, cols: list[Col], width: int) -> Any:
 def print_report(result: dict[str, Any], console: Any = None) -> None:
     """Print every task's ranked table, the lr sweeps, the overall ranking and the verdict (rich).
 
-    The tables fit ``console.width``: a narrow terminal shows fewer columns and short headers,
-    never a number split across lines."""
+    The tables fit ``console.width``: a narrow terminal shows fewer columns (named under the
+    table) and short headers, never a number split across lines."""
     from rich.console import Console
 
     from .verdict import verdict
