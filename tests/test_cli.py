@@ -51,10 +51,17 @@ def test_unknown_command_is_one_line(capsys):
     assert len(err.strip().splitlines()) == 1 and "invalid choice" in err
 
 
-def test_list(capsys):
+def test_list(capsys, monkeypatch):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     assert "prodigy" in out and "charlm" in out and "[optional]" in out
+    monkeypatch.setenv("COLUMNS", "80")  # wrapped to the terminal, descriptions aligned
+    assert main(["list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert max(map(len, lines)) <= 80, max(lines, key=len)
+    starts = {line.index(line.split()[1]) for line in lines
+              if line.startswith("  ") and line[2] not in " [" and len(line.split()) > 1}
+    assert len(starts) == 1, starts  # every description starts in the same column
 
 
 def test_trajectories_png(tmp_path, capsys):

@@ -421,14 +421,25 @@ def _list(args: argparse.Namespace) -> int:
     from .compare import BUILTIN_TASKS, DEFAULT_SUITE
     from .factory import REGISTRY
 
+    from .guide.explain import _wrap, terminal_width
+
+    width = terminal_width()
+    col = max(map(len, [*REGISTRY, *BUILTIN_TASKS]))
+
+    def row(name: str, text: str) -> None:  # wrapped to the terminal, aligned under the text
+        print(_wrap(f"{name:<{col}}  {text}", "  ", width, " " * (col + 4)))
+
     print("optimizers (optimkit explain NAME):")
     for name, spec in REGISTRY.items():
         alias = f" (aliases: {', '.join(spec.aliases)})" if spec.aliases else ""
-        print(f"  {name:<10} {spec.description}{alias}")
-    print("tasks (optimkit compare --tasks ...):")
+        row(name, f"{spec.description}{alias}")
+    print("tasks (optimkit compare --tasks ...; [optional]: needs data not installed by "
+          "default, see docs/compare.md):" if width >= 100 else
+          "tasks (optimkit compare --tasks ...;\n  [optional]: needs data not installed by "
+          "default, see docs/compare.md):")
     for name, builder in BUILTIN_TASKS.items():
         doc = (builder.__doc__ or "").strip().splitlines()[0]
-        print(f"  {name:<10} {doc}{'' if name in DEFAULT_SUITE else '  [optional]'}")
+        row(name, f"{doc}{'' if name in DEFAULT_SUITE else '  [optional]'}")
     return 0
 
 
