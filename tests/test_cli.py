@@ -114,3 +114,17 @@ def test_bench_missing_module_is_one_line(monkeypatch, capsys):
     assert main(["bench"]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "bench" in err
+
+
+def test_explain_lookahead_and_class_paths(capsys, monkeypatch):
+    """``explain lookahead_adamw`` explains the wrapper, then AdamW; a dotted class path (which
+    create_optimizer takes) gets a usage error saying explain covers the registry."""
+    monkeypatch.setenv("COLUMNS", "80")
+    assert main(["explain", "lookahead_adamw"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("lookahead_adamw: optimkit.Lookahead around adamw")
+    assert "\nadamw: Adam with decoupled weight decay" in out
+    assert max(map(len, out.splitlines())) <= 80
+    assert main(["explain", "torch.optim.NAdam"]) == 2
+    err = capsys.readouterr().err
+    assert "is a class path" in err and "registry" in err

@@ -395,10 +395,23 @@ def _recommend(args: argparse.Namespace) -> int:
 
 def _explain(args: argparse.Namespace) -> int:
     from .factory import get_spec
-    from .guide.explain import render_markdown, render_text
+    from .guide.explain import _wrap, render_markdown, render_text, terminal_width
 
-    spec = get_spec(args.name)
-    sys.stdout.write(render_markdown(spec) if args.markdown else render_text(spec))
+    name = args.name.strip()
+    head = ""
+    if name.lower().startswith("lookahead_"):  # the wrapper: say so, then explain the base
+        base = name[len("lookahead_"):]
+        head = (f"{name}: optimkit.Lookahead around {base} (k=5, alpha=0.5 unless given): every "
+                f"k steps the weights move alpha of the way from their slow copy to where {base} "
+                "took them (Zhang et al. 2019; docs/lookahead.md). The base optimizer:")
+        head = (head if args.markdown else _wrap(head, "", terminal_width(), "  ")) + "\n\n"
+        name = base
+    elif "." in name:  # create_optimizer takes a class path; explain covers the registry
+        raise UsageError(f"{name!r} is a class path: create_optimizer and compare accept it, but "
+                         "explain covers optimkit's registry only (optimkit list); see that "
+                         "class's own documentation")
+    spec = get_spec(name)
+    sys.stdout.write(head + (render_markdown(spec) if args.markdown else render_text(spec)))
     return 0
 
 
