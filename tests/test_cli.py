@@ -128,3 +128,15 @@ def test_explain_lookahead_and_class_paths(capsys, monkeypatch):
     assert main(["explain", "torch.optim.NAdam"]) == 2
     err = capsys.readouterr().err
     assert "is a class path" in err and "registry" in err
+
+
+def test_compare_help_names_the_default_and_optional_tasks(capsys):
+    """cli.py imports no torch (a fast --help), so the task names in --help are written out:
+    they must stay the registry's."""
+    from optimkit.compare import DEFAULT_SUITE
+    from optimkit.compare.tasks import OPTIONAL_TASKS
+
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    flat = " ".join(capsys.readouterr().out.split())
+    assert f"default: {' '.join(DEFAULT_SUITE)}; optional: {' '.join(OPTIONAL_TASKS)};" in flat

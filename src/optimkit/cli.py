@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Race optimizers on real tasks; print ranked tables, write a report folder "
                                    "(PNG plots, index.html, results.json).")
     c.add_argument("--tasks", nargs="+", metavar="TASK",
-                   help="built-in task names (default: logreg cnn charlm docbow; optional: mnist1d fashion) "
+                   help="built-in task names (default: logreg cnn charlm docbow; optional: mnist1d fashion "
+                        "fortunes fortunes_ft; see optimkit list) "
                         "and/or module:function user tasks")
     c.add_argument("--task", action="append", default=[], metavar="MODULE:FUNCTION",
                    help="a user task: MODULE:FUNCTION returning optimkit.compare.Task (repeatable)")
