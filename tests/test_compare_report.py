@@ -341,3 +341,9 @@ def test_overall_verdict_says_over_which_tasks_the_profile_counts():
     assert "fastest on every task" not in text
     res["profiles"] = {"tasks": ["task0", "task1", "task2", "task3"]}
     assert "1 = fastest on every task" in verdict(res)["overall"]
+
+
+def test_title_without_a_description_has_no_double_space():
+    res = _result([_row("a", 1, 0.9)])
+    res["tasks"]["task0"]["description"] = ""
+    assert rep.table_title(res, "task0").startswith("task0: (20 steps, 2 seed(s)) — ")

@@ -283,7 +283,8 @@ def table_title(result: dict[str, Any], name: str) -> str:
         what = f"tuned: best of {cfg['budget']} trial(s) per optimizer, default alongside"
     else:
         what = "tuned: best of the lr grid per optimizer, default alongside"
-    return f"{name}: {entry.get('description', '')} ({entry.get('steps')} steps, {seeds} seed(s)) — {what}"
+    desc = (entry.get("description") or "").strip()
+    return f"{name}: {desc + ' ' if desc else ''}({entry.get('steps')} steps, {seeds} seed(s)) — {what}"
 
 
 # ----------------------------------------------------------------------------- fitting
