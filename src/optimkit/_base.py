@@ -238,7 +238,7 @@ class OptimizerBase(StateDictMixin, torch.optim.Optimizer):
             if g is None:
                 continue
             if g.dtype != p.dtype:
-                # torch >= 2.10's p.grad_dtype (e.g. float32 gradients of bfloat16 weights):
+                # torch's p.grad_dtype (e.g. float32 gradients of bfloat16 weights):
                 # torch.optim's per-tensor loop steps it where its in-place ops promote across
                 # dtypes, and so does our reference; elsewhere torch fails part-way
                 if not (g.is_floating_point() and self._mixed_dtype_ok(group)):
