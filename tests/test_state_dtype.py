@@ -302,3 +302,14 @@ def test_prodigy_errors_and_default():
     q.grad = torch.randn(4, dtype=BF16)
     opt.step()
     assert opt.state[q]["exp_avg"].dtype == torch.float32
+
+
+def test_factory_and_class_refuse_a_state_dtype_with_the_same_message():
+    m = torch.nn.Linear(3, 2)
+    for bad in ("fp8", "float64", "half"):
+        with pytest.raises(ValueError) as direct:
+            optimkit.AdamW(m.parameters(), state_dtype=bad)
+        with pytest.raises(ValueError) as factory:
+            optimkit.create_optimizer("adamw", m, optimizer_args=[f"state_dtype={bad}"])
+        # the factory turns known names into dtypes first; the class's check says the rest
+        assert str(factory.value).split(";")[1] == str(direct.value).split(";")[1], bad

@@ -307,9 +307,9 @@ def _coerce(owner: str, name: str, value: Any, param: inspect.Parameter) -> Any:
             return value
         if "dtype" in kinds:  # "bfloat16", "bf16", "torch.bfloat16"
             dt = DTYPE_NAMES.get(value.strip().lower().removeprefix("torch."))
-            if dt is None:
-                fail(owner, name, value, _expected(kinds, default))
-            return dt
+            # an unknown name goes to the class as given: its own check (state_dtype's)
+            # names the values it accepts, so the factory and the class say the same thing
+            return value if dt is None else dt
         # text given through a dict ({"lr": "1e-3"}): parse it like optimizer_args would
         try:
             parsed = parse_value(value)
