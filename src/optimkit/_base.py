@@ -121,6 +121,16 @@ class OptimizerBase(StateDictMixin, torch.optim.Optimizer):
     def _update(self, work: GroupWork) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _check_settings(self, group: dict[str, Any], fused: bool | None) -> None:
+        """The checks of a group's values that step() and load_state_dict run (the
+        implementation flags, with ``fused`` as the caller reads it; the torch.optim flags
+        optimkit lacks; the class's ranges). Changes nothing. (add_param_group runs the same,
+        with the compile=True check between the first two.)"""
+        owner = type(self).__name__
+        check_impl_flags(owner, group.get("foreach"), fused, self._has_fused)
+        _refuse_unsupported(owner, group)
+        self._validate_group(group)
+
     def _state_layout(self, group: dict[str, Any]) -> Any:
         """The group settings the state's shapes depend on besides the parameters' shapes
         (Prodigy: ``slice_p``); a change re-checks them (``check_state_shapes``)."""
@@ -430,10 +440,7 @@ class OptimizerBase(StateDictMixin, torch.optim.Optimizer):
                 # only costs a re-check)
                 if key is None or passed.get(gi) != key:
                     # the implementation flags too: a group edited after construction
-                    check_impl_flags(type(self).__name__, g.get("foreach"), self._fused_flag(g),
-                                     self._has_fused)
-                    _refuse_unsupported(type(self).__name__, g)
-                    self._validate_group(g)
+                    self._check_settings(g, self._fused_flag(g))
                 # every step: the parameters' dtypes may have changed since (model.half())
                 check_fits_dtypes(type(self).__name__, g, self._dtype_bounded, g["params"])
             except ValueError as e:

@@ -8,10 +8,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._impl import check_impl_flags
 from ._statespec import check_state_value
 from ._torch_compat import scalar_dtype
-from ._validation import check_fits_dtypes, refuse_unsupported
+from ._validation import check_fits_dtypes
 
 
 class StateDictMixin:
@@ -138,9 +137,7 @@ class StateDictMixin:
             try:
                 # The same checks as the constructor and add_param_group: a checkpoint must not
                 # bring in flags those refuse (fused=True without a fused kernel, capturable=True).
-                check_impl_flags(owner, merged.get("foreach"), merged.get("fused"), self._has_fused)
-                refuse_unsupported(owner, merged)
-                self._validate_group(merged)
+                self._check_settings(merged, merged.get("fused"))
                 check_fits_dtypes(owner, merged, self._dtype_bounded, mine["params"])
             except ValueError as e:
                 raise ValueError(f"{bad}: param group {gi}: {e}") from None

@@ -37,7 +37,7 @@ def check_state_value(bad: str, pid: Any, key: str, v: Any, spec: Any, p: Tensor
                 f"{bad}: state[{pid!r}][{key!r}]={x!r}; a step counter must be a whole number >= 0"
             )
         return
-    want = tuple(p.shape) if spec == PARAM_SHAPE else tuple(spec)
+    want = _want(spec, p)
     if not isinstance(v, Tensor) or tuple(v.shape) != want:
         raise ValueError(
             f"{bad}: state[{pid!r}][{key!r}] has {_describe(v)}, expected shape {want}"
@@ -47,6 +47,11 @@ def check_state_value(bad: str, pid: Any, key: str, v: Any, spec: Any, p: Tensor
             f"{bad}: state[{pid!r}][{key!r}] has dtype {v.dtype}; expected a floating-point "
             f"tensor (the parameter is {p.dtype})"
         )
+
+
+def _want(spec: Any, p: Tensor) -> tuple[int, ...]:
+    """The shape a state tensor of ``spec`` (``PARAM_SHAPE`` or a shape) must have for ``p``."""
+    return tuple(p.shape) if spec == PARAM_SHAPE else tuple(spec)
 
 
 def _describe(v: Any) -> str:
@@ -70,7 +75,7 @@ def check_state_shapes(opt: OptimizerBase, gi: int, group: dict[str, Any],
             v = st.get(key)
             if spec in (ANY, SCALAR) or not isinstance(v, Tensor):
                 continue
-            want = tuple(p.shape) if spec == PARAM_SHAPE else tuple(spec)
+            want = _want(spec, p)
             if tuple(v.shape) != want:
                 pi = next(i for i, q in enumerate(group["params"]) if q is p)
                 raise RuntimeError(

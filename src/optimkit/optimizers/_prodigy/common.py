@@ -39,6 +39,12 @@ def _bias_correction(group: dict[str, Any], k: int) -> float:
     return ((1 - beta2 ** (k + 1)) ** 0.5) / (1 - beta1 ** (k + 1))
 
 
+def _c_s(group: dict[str, Any], d: float, d0: float, dlr: float) -> float:
+    """The scale of this step's gradient in ``s' = beta3 s + c_s g`` (and in the overflow
+    checks): ``(d / d0) * dlr``, or ``(d / d0) * d`` with ``safeguard_warmup`` (prodigyopt)."""
+    return (d / d0) * (d if group["safeguard_warmup"] else dlr)
+
+
 def _effective_lr(group: dict[str, Any]) -> float:
     """The multiplier the next step applies: d * lr * bias_correction (0 for a frozen group)."""
     return scalar(group["d"]) * scalar(group["lr"]) * _bias_correction(group, int(group["k"]))

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..._base import GroupWork
 from ..._validation import scalar
-from .common import _local, _max_abs, _sliced_local
+from .common import _c_s, _local, _max_abs, _sliced_local
 
 
 class NonFiniteStepError(FloatingPointError):
@@ -118,7 +118,7 @@ def _input_problem(ests: list[Any], narrow_is_float32: Callable[[list[GroupWork]
         for g in e.live:
             coupled = 0.0 if g["decouple"] else scalar(g["weight_decay"])
             warm = g["safeguard_warmup"]
-            c_s = (e.d / e.d0) * (e.d if warm else e.dlr)
+            c_s = _c_s(g, e.d, e.d0, e.dlr)
             for key, v in (("weight_decay", coupled),
                            (f"c_s = (d / d0) * {'d' if warm else 'dlr'}", c_s),
                            ("c_s * weight_decay", c_s * coupled)):
@@ -158,7 +158,7 @@ def _output_problem(groups: list[dict[str, Any]], *, decouple: bool, update: boo
     big = lim.max
     for g in groups:
         wd, eps = scalar(g["weight_decay"]), scalar(g["eps"])
-        c_s = (d / d0) * d if g["safeguard_warmup"] else (d / d0) * dlr
+        c_s = _c_s(g, d, d0, dlr)
         coupled = 0.0 if decouple else wd
         scal = {"d / d0": d / d0, "dlr = d * lr * bias_correction": dlr, "c_s": c_s,
                 "c_s * weight_decay": c_s * coupled, "d * weight_decay": d * coupled,

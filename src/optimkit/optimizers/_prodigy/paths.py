@@ -14,7 +14,7 @@ from ... import _compiled
 from ..._base import GroupWork
 from ..._rounding import chunk_budget, chunks
 from ..._validation import scalar
-from .common import _local, _sliced_local, _stat_dtype
+from .common import _c_s, _local, _sliced_local, _stat_dtype
 from .compiled import prodigy_apply_compiled, prodigy_stats_compiled
 from .foreach import _CHUNK_BYTES, _CHUNK_BYTES_DEFAULT, prodigy_apply_foreach, prodigy_stats_foreach
 from .fused import (_FAST_D_RANGE, _FAST_DEVICES, _FAST_DTYPES, _PLAIN, prodigy_apply_fused,
@@ -55,7 +55,7 @@ class PathsMixin:
         d0 = scalar(grp["d0"])
         return dict(
             slice_p=grp["slice_p"], beta3=beta3,
-            c_s=(d / d0) * d if grp["safeguard_warmup"] else (d / d0) * dlr,
+            c_s=_c_s(grp, d, d0, dlr),
             coupled_wd=0.0 if grp["decouple"] else scalar(grp["weight_decay"]),
         )
 
